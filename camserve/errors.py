@@ -1,0 +1,67 @@
+"""The exception tree of camserve, mapped once to HTTP and gRPC status codes.
+
+Every error a caller can cause is a :class:`CamserveError`; its message names
+the bad value and, where there is a fixed set, the valid choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CamserveError(Exception):
+    """Base of all camserve errors."""
+
+    http_status: int = 500
+    grpc_code: str = "INTERNAL"
+
+
+class InvalidRequestError(CamserveError, ValueError):
+    """The caller's request is malformed (wrong type, shape, dtype, empty batch...)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class UnknownNameError(InvalidRequestError, KeyError):
+    """A named thing (method, layer, class, label, model) does not exist."""
+
+    def __init__(self, kind: str, value: object, choices: Iterable[object] = ()) -> None:
+        self.kind = kind
+        self.value = value
+        self.choices = sorted(str(c) for c in choices)
+        shown = ", ".join(self.choices[:50])
+        more = "" if len(self.choices) <= 50 else f", ... ({len(self.choices)} in all)"
+        hint = f"; valid {kind}s: {shown}{more}" if self.choices else ""
+        super().__init__(f"unknown {kind} {value!r}{hint}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class UnsupportedMethodError(InvalidRequestError):
+    """The method cannot explain this model (e.g. CAM without a GAP + linear head)."""
+
+
+class InvalidImageError(InvalidRequestError):
+    """An image could not be decoded, or is too large."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """An image exceeds the configured pixel or byte cap."""
+
+    http_status = 413
+
+
+class OverloadedError(CamserveError):
+    """The server refuses work it cannot take on now (back-pressure)."""
+
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(CamserveError):
+    """The request's deadline passed before its work finished."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, then lint, type checks and the
+# whole test suite (slow end-to-end tests included). Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+PY=.venv/bin/python
+echo "[test] ruff"
+"$PY" -m ruff check .
+echo "[test] mypy"
+targets=(camserve); compgen -G "handlers/*.py" >/dev/null && targets+=(handlers)
+"$PY" -m mypy "${targets[@]}"
+echo "[test] pytest"
+set +e
+"$PY" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "[test] no tests collected"; exit 1; fi
+exit "$rc"
