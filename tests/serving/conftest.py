@@ -77,8 +77,13 @@ TRANSFORM = InputTransform(size=SIZE, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.2
 
 
 def make_runner(model: nn.Module, sink: RecordingSink | None = None) -> BatchRunner:
-    task = ClassifierTask("tiny", model, LABELS, "features.3" if isinstance(model, TinyGAP)
-                          else "features.1", TRANSFORM)
+    task = ClassifierTask(
+        "tiny",
+        model,
+        LABELS,
+        "features.3" if isinstance(model, TinyGAP) else "features.1",
+        TRANSFORM,
+    )
     return BatchRunner(task, ImageLimits(max_bytes=100_000, max_pixels=50_000), sink)
 
 

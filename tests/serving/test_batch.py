@@ -115,7 +115,9 @@ def test_mixed_batch_one_bad_item_fails_alone(gap_model: nn.Module) -> None:
     msgs = [r.message for r in results]
     assert "unknown method 'gradcamx'; valid methods:" in msgs[1] and "gradcampp" in msgs[1]
     assert "corrupt or truncated" in msgs[2] or "cannot identify" in msgs[2]
-    assert "unknown label 'purple'; valid labels: blue triangle, green square, red circle" == msgs[3]
+    assert (
+        msgs[3] == "unknown label 'purple'; valid labels: blue triangle, green square, red circle"
+    )
     assert msgs[4] == "unknown class 7; valid classs: 0, 1, 2"
     assert msgs[5].startswith("unknown layer 'features.9'; valid layers:")
     assert "90000 pixels; the limit is 50000" in msgs[6]
@@ -165,9 +167,7 @@ def test_one_engine_call_per_compatible_group(
 
 def test_unsupported_method_fails_only_its_item(fc_model: nn.Module) -> None:
     runner = make_runner(fc_model)
-    results = runner.run(
-        [json_item(png(1)), json_item(png(2), methods=["cam"]), json_item(png(3))]
-    )
+    results = runner.run([json_item(png(1)), json_item(png(2), methods=["cam"]), json_item(png(3))])
     assert [r.status for r in results] == [200, 400, 200]
     assert "cam" in results[1].message.lower()
 
