@@ -213,7 +213,7 @@ class TorchServe:
                 "grpc_management_port": str(cfg.grpc_management_port),
                 "model_store": str(cfg.model_store.resolve()),
                 "metrics_config": str(cfg.metrics_yaml.resolve()),
-                "load_models": ",".join(wanted),
+                "load_models": ",".join(f"{m}={m}.mar" for m in wanted),
                 "models": json.dumps(models, separators=(",", ":")),
                 "disable_token_authorization": "false" if cfg.token_auth else "true",
                 **cfg.extra,
@@ -327,11 +327,25 @@ class TorchServe:
                 status = self.worker_status()
             if status and all("READY" in s for s in status.values()):
                 return
+            failed = self._failed_models()
+            if failed:
+                raise TorchServeError(f"TorchServe failed to load {failed}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise TorchServeError(
                     f"workers not READY after {timeout:.0f} s ({status}):\n{self.log_tail()}"
                 )
             time.sleep(0.25)
+
+    def _failed_models(self) -> list[str]:
+        path = self.run_dir / "logs" / "ts_log.log"
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return []
+        marker = "Failed to load model: "
+        return sorted(
+            {line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line}
+        )
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of TorchServe's logs (for error messages)."""
