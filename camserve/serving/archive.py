@@ -16,7 +16,10 @@ from typing import Any
 
 from camserve.serving.launcher import REPO_ROOT
 
-__all__ = ["HANDLERS", "build_archives", "build_zoo", "zoo_models"]
+__all__ = ["ARCHIVE_INFO", "HANDLERS", "build_archives", "build_zoo", "zoo_models"]
+
+ARCHIVE_INFO = "camserve.json"
+"""Extra file of every archive: the zoo model it serves and its kind."""
 
 HANDLERS = {
     "classifier": REPO_ROOT / "handlers" / "classifier_handler.py",
@@ -70,6 +73,10 @@ def build_archives(store: Path, names: list[str] | None = None) -> list[Path]:
             manifest = Path(tmp) / "manifest.json"
             manifest.write_text((store / "manifest.json").read_text())
             extra.append(str(manifest))
+            # Which zoo model this archive serves, whatever name it is registered under.
+            own = Path(tmp) / ARCHIVE_INFO
+            own.write_text(json.dumps({"zoo_name": name, "kind": info["kind"]}))
+            extra.append(str(own))
             subprocess.run(
                 [
                     sys.executable,

@@ -84,8 +84,9 @@ class ServeConfig:
         grpc_management_port: the ports.
         token_auth: TorchServe's token authorization (on by default; turn it off
             only on loopback, for development).
-        models: the model names to load (default: every archive in the store
-            that the config's ``models`` lists, then any other archive).
+        models: the model names to load (default: every archive in the store).
+        registrations: instead of ``models``, model name -> TorchServe settings
+            with ``marName`` (one archive may be registered under several names).
         batch_size, max_batch_delay_ms: override the config's batching for every model.
         template: the project's ``config.properties``.
         metrics_yaml: the metrics YAML (declares the custom metrics).
@@ -103,6 +104,7 @@ class ServeConfig:
     models: Sequence[str] | None = None
     batch_size: int | None = None
     max_batch_delay_ms: int | None = None
+    registrations: Mapping[str, Mapping[str, Any]] | None = None
     template: Path = DEPLOY_DIR / "config.properties"
     metrics_yaml: Path = DEPLOY_DIR / "metrics.yaml"
     extra: dict[str, str] = field(default_factory=dict)
@@ -193,9 +195,16 @@ class TorchServe:
                 f"no .mar archives in {cfg.model_store}: run `camserve build-models` first"
             )
         models: dict[str, Any] = {}
+        if cfg.registrations is not None:
+            wanted = list(cfg.registrations)
+            for reg in cfg.registrations.values():
+                if not (cfg.model_store / str(reg["marName"])).exists():
+                    raise TorchServeError(f"no archive {reg['marName']} in {cfg.model_store}")
         for name in wanted:
             entry = {**MODEL_DEFAULTS, **template_models.get(name, {}).get("1.0", {})}
             entry.update({"defaultVersion": True, "marName": f"{name}.mar"})
+            if cfg.registrations is not None:
+                entry.update(cfg.registrations[name])
             if cfg.batch_size is not None:
                 entry["batchSize"] = cfg.batch_size
             if cfg.max_batch_delay_ms is not None:
@@ -213,7 +222,7 @@ class TorchServe:
                 "grpc_management_port": str(cfg.grpc_management_port),
                 "model_store": str(cfg.model_store.resolve()),
                 "metrics_config": str(cfg.metrics_yaml.resolve()),
-                "load_models": ",".join(f"{m}={m}.mar" for m in wanted),
+                "load_models": ",".join(f"{m}={models[m]['1.0']['marName']}" for m in wanted),
                 "models": json.dumps(models, separators=(",", ":")),
                 "disable_token_authorization": "false" if cfg.token_auth else "true",
                 **cfg.extra,
