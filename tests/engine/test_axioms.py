@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -15,7 +14,6 @@ def _images(n: int = 3) -> torch.Tensor:
 
 
 def test_gap_network_methods_coincide_after_normalisation() -> None:
-    pytest.importorskip("camserve.engine.methods.perturbation")
     model = gap_net()
     res = Explainer(model, "features").explain(
         _images(),

@@ -118,7 +118,6 @@ def test_score_and_input_grad_callables() -> None:
 @pytest.mark.parametrize("form", ["score", "sum"])
 @pytest.mark.parametrize("make", [vgg_net, Untraceable])
 def test_ablationcam_end_to_end(form: str, make) -> None:
-    pytest.importorskip("camserve.engine.methods.perturbation")
     model = make().double()
     layer = "features.3" if make is vgg_net else "net.features.3"
     head = model.classifier if make is vgg_net else model.net.classifier

@@ -7,15 +7,14 @@ Methods are pure functions (see :mod:`.gradient`, :mod:`.activation`,
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from torch import Tensor
 
-from camserve.engine.methods import activation, gradient
+from camserve.engine.methods import activation, gradient, perturbation, reference
 from camserve.engine.methods.guided import REDUCTIONS
-from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
+from camserve.errors import InvalidRequestError, UnknownNameError
 
 __all__ = [
     "GRADIENT_METHODS",
@@ -27,6 +26,8 @@ __all__ = [
     "check_options",
     "gradient",
     "list_methods",
+    "perturbation",
+    "reference",
     "rerun_function",
 ]
 
@@ -49,14 +50,14 @@ GRADIENT_METHODS: dict[str, tuple[GradientMethod, GradKind]] = {
 }
 """Methods whose map is a pure function of (activations, gradients of one kind)."""
 
-# Re-running methods: id -> (module, function) of the pure implementation.
-RERUN_METHODS: dict[str, tuple[str, str]] = {
-    "ablationcam": ("perturbation", "ablation_cam"),
-    "scorecam": ("perturbation", "score_cam"),
-    "occlusion": ("perturbation", "occlusion"),
-    "integrated_gradients": ("reference", "integrated_gradients"),
-    "gradient_shap": ("reference", "gradient_shap"),
+RERUN_METHODS: dict[str, Callable[..., Tensor]] = {
+    "ablationcam": perturbation.ablation_cam,
+    "scorecam": perturbation.score_cam,
+    "occlusion": perturbation.occlusion,
+    "integrated_gradients": reference.integrated_gradients,
+    "gradient_shap": reference.gradient_shap,
 }
+"""Re-running methods: id -> pure implementation (options go to its keyword arguments)."""
 
 LAYER_METHODS: tuple[str, ...] = (
     "cam",
@@ -163,10 +164,4 @@ def check_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, 
 
 def rerun_function(method: str) -> Callable[..., Tensor]:
     """The pure implementation of a re-running method (Ablation-CAM, Score-CAM, ...)."""
-    module, name = RERUN_METHODS[method]
-    try:
-        mod = importlib.import_module(f"{__name__}.{module}")
-    except ImportError as exc:
-        raise UnsupportedMethodError(f"method {method!r} is not available in this build") from exc
-    fn: Callable[..., Tensor] = getattr(mod, name)
-    return fn
+    return RERUN_METHODS[method]
