@@ -29,7 +29,7 @@ def jar_path() -> Path:
 
 
 def _generate(out: Path) -> None:
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     src = out / "protos"
     with zipfile.ZipFile(jar_path()) as jar:

@@ -118,7 +118,7 @@ def test_mixed_batch_one_bad_item_fails_alone(gap_model: nn.Module) -> None:
     assert (
         msgs[3] == "unknown label 'purple'; valid labels: blue triangle, green square, red circle"
     )
-    assert msgs[4] == "unknown class 7; valid classs: 0, 1, 2"
+    assert msgs[4] == "unknown class 7; valid classes: 0, 1, 2"
     assert msgs[5].startswith("unknown layer 'features.9'; valid layers:")
     assert "90000 pixels; the limit is 50000" in msgs[6]
     assert "top_k must be an integer" in msgs[8]
