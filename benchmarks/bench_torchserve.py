@@ -38,19 +38,6 @@ sys.path.insert(0, str(REPO))
 from camserve.serving.archive import zoo_models  # noqa: E402
 from camserve.serving.launcher import ServeConfig, TorchServe  # noqa: E402
 
-STOCK_HANDLER = '''
-from torchvision import transforms
-from ts.torch_handler.image_classifier import ImageClassifier
-
-
-class StockClassifier(ImageClassifier):
-    """TorchServe's stock image classifier with the model's own input transform."""
-
-    image_processing = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)]
-    )
-'''
-
 MODEL_FILE = """
 from camserve.zoo.models import {cls} as _Base
 
@@ -74,16 +61,11 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
     """A stock-handler archive of zoo model ``name`` in ``out``."""
     import subprocess
 
-    from camserve.zoo.train import MEAN, STD
-
     from camserve import zoo
 
     model, entry = zoo.load(store, name)
     work = out / "stock_src"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "stock_handler.py").write_text(
-        STOCK_HANDLER.replace("MEAN", repr(list(MEAN))).replace("STD", repr(list(STD)))
-    )
     (work / "stock_model.py").write_text(
         MODEL_FILE.format(cls=type(model).__name__, kwargs=dict(entry.get("kwargs", {})))
     )
@@ -106,7 +88,7 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
             "--serialized-file",
             str(work / "weights.pth"),
             "--handler",
-            str(work / "stock_handler.py"),
+            str(REPO / "benchmarks" / "stock_classifier_handler.py"),
             "--extra-files",
             str(work / "index_to_name.json"),
             "--export-path",

@@ -16,7 +16,14 @@ from typing import Any
 
 from camserve.serving.launcher import REPO_ROOT
 
-__all__ = ["ARCHIVE_INFO", "HANDLERS", "build_archives", "build_zoo", "zoo_models"]
+__all__ = [
+    "ARCHIVE_INFO",
+    "HANDLERS",
+    "build_archives",
+    "build_zoo",
+    "write_examples",
+    "zoo_models",
+]
 
 ARCHIVE_INFO = "camserve.json"
 """Extra file of every archive: the zoo model it serves and its kind."""
@@ -98,4 +105,28 @@ def build_archives(store: Path, names: list[str] | None = None) -> list[Path]:
                 cwd=tmp,
             )
         paths.append(store / f"{name}.mar")
+    return paths
+
+
+def write_examples(store: Path, count: int = 4, seed: int = 2024) -> list[Path]:
+    """Writes a few synthetic scenes as ``store/examples/scene_<i>.png`` (for curl examples)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from camserve.zoo.scenes import generate_scene
+
+    out = store / "examples"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        scene = generate_scene(rng, 64, 1 + i % 3)
+        buf = io.BytesIO()
+        Image.fromarray(scene.image).save(buf, format="PNG")
+        path = out / f"scene_{i}.png"
+        path.write_bytes(buf.getvalue())
+        (out / f"scene_{i}.txt").write_text(scene.caption + "\n")
+        paths.append(path)
     return paths
