@@ -35,6 +35,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import os  # noqa: E402
+
 from camserve.serving.archive import zoo_models  # noqa: E402
 from camserve.serving.launcher import ServeConfig, TorchServe  # noqa: E402
 
@@ -172,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
+    deps = REPO / "build" / "ts_bench_deps"
+    if deps.is_dir():
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(deps), os.environ.get("PYTHONPATH", "")) if p
+        )
     store = Path(args.model_store).resolve()
     models = zoo_models(store)
     name = args.model or sorted(n for n, i in models.items() if i["kind"] == "classifier")[0]

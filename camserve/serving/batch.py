@@ -248,6 +248,10 @@ class BatchRunner:
             except CamserveError as exc:
                 results[i] = self._error(exc)
                 errors[i] = type(exc).__name__
+            except Exception:
+                log.exception("admitting request %d of %d failed", i, len(raws))
+                results[i] = self._internal()
+                errors[i] = "InternalError"
         timings: dict[str, float] = {"decode": time.perf_counter() - t0}
 
         def add(t: Mapping[str, float]) -> None:

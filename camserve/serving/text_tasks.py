@@ -132,7 +132,7 @@ class CaptionTask:
         ]
         whole = int(item.extra["width"])
         targets.append(Target(whole, {"caption": caption, "score": round(float(scores[whole]), 6)}))
-        return {"caption": caption, "words": words}, targets
+        return {"score": "log_probability", "caption": caption, "words": words}, targets
 
 
 class VQATask:
