@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     peers = _peers(args)
     results: dict[str, Any] = {}
+    load_before = os.getloadavg()
     for model_name in [m for m in args.models.split(",") if m]:
         s = _setup(model_name, args, device)
         workloads = _workloads(s, args)
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         del s, workloads
     text = report(results, peers)
     print(text)
+    print(f"\nthreads {args.threads}, device {args.device}, torch {torch.__version__}; "
+          f"load average (1, 5, 15 min) before {load_before}, after {os.getloadavg()}: "
+          "other processes on the same cores inflate multi-threaded timings")
     if args.json:
         meta = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -325,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor()}",
             "peers": peers,
+            "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},
         }
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
