@@ -104,6 +104,32 @@ def _captum(s: Setup, ours: dict[str, torch.Tensor]) -> list[Check]:
     return [_compare("gradcam", "captum", ours["gradcam"], torch.stack(maps), True)]
 
 
+def _gradcampp_formula(s: Setup, ours: dict[str, torch.Tensor]) -> list[Check]:
+    """Grad-CAM++ from 002 eq. 9 in float64, pytorch-grad-cam's expression without its eps.
+
+    pytorch-grad-cam adds 1e-6 to ``2 g^2 + sum(A) g^3``; with layer gradients
+    of 1e-4..1e-3 (ResNets) that eps dominates the denominator and changes the
+    alphas. This reference separates that from any error of camserve's.
+    """
+    store: dict[str, torch.Tensor] = {}
+    handle = s.module.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", o))
+    try:
+        out = s.model(s.x1)
+    finally:
+        handle.remove()
+    acts = store["a"].detach().double()
+    a_sum = acts.sum(dim=(2, 3), keepdim=True)
+    maps = []
+    for i, c in enumerate(s.top5):
+        (g,) = torch.autograd.grad(out[0, c], store["a"], retain_graph=i < len(s.top5) - 1)
+        g = g.double()
+        alpha = torch.where(g != 0, g**2 / (2 * g**2 + a_sum * g**3), torch.zeros_like(g))
+        weights = (alpha * g.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+        maps.append((weights * acts).sum(1).clamp(min=0)[0])
+    return [_compare("gradcampp", "002 eq. 9, float64, no eps", ours["gradcampp"],
+                     torch.stack(maps), True)]
+
+
 def _pgc_ablation(s: Setup) -> Any:
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -118,7 +144,7 @@ def cross_check(s: Setup, peers: dict[str, str | None], with_ablation: bool) -> 
     """Compare every method the installed peers share with camserve, on the top-5 targets."""
     methods = sorted(set(PGC_METHODS) | set(TORCHCAM_METHODS) | {"ablationcam"})
     ours = _camserve_maps(s, methods)
-    checks: list[Check] = []
+    checks = _gradcampp_formula(s, ours)
     if peers.get("pytorch-grad-cam", "absent") is None:
         ablation = _pgc_ablation(s) if with_ablation else None
         checks += _pgc(s, ours, ablation)

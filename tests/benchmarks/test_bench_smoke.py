@@ -58,7 +58,10 @@ def test_camserve_path_quick(tmp_path: Path) -> None:
     stages = res["timing"]["cs.top5x7"]["stages_s"]
     assert {"forward", "backward", "total"} <= set(stages)
     assert "per_image_vs_batch1" in res["timing"]["cs.top5x7.b8"]
-    assert res["crosscheck"] == []  # no peers asked for
+    # No peers asked for: only the peer-free Grad-CAM++ formula reference, which must agree.
+    [check] = res["crosscheck"]
+    assert check["method"] == "gradcampp" and check["peer"].startswith("002 eq. 9")
+    assert check["norm_max_abs"] < 1e-5 and check["raw_max_rel"] < 1e-5
     assert set(res["memory"]) == {"fwd", "cs.top5x7"}
     assert all(m["extra_mib"] >= 0 for m in res["memory"].values())
     assert data["meta"]["peers"] == {}
@@ -83,3 +86,5 @@ def test_peer_paths_quick(tmp_path: Path) -> None:
     # Grad-CAM is defined alike everywhere: the maps must agree.
     for peer in ("pytorch-grad-cam", "captum", "torchcam"):
         assert checks[("gradcam", peer)]["norm_max_abs"] < 1e-4, peer
+    for method in ("xgradcam", "layercam", "hirescam", "ablationcam (top-1)"):
+        assert checks[(method, "pytorch-grad-cam")]["norm_max_abs"] < 1e-4, method
