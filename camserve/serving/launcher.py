@@ -483,8 +483,9 @@ class TorchServe:
         if token:
             auth = f' -H "Authorization: Bearer {token}"'
         return (
-            f"curl -s{auth} -H 'Content-Type: image/png' --data-binary @{image} "
-            f"'{self.inference_url}/predictions/{model}?methods=gradcam&output=box'"
+            f"curl -s{auth} -H 'Content-Type: image/png' -H 'X-Camserve-Methods: gradcam' "
+            f"-H 'X-Camserve-Output: box' --data-binary @{image} "
+            f"{self.inference_url}/predictions/{model}"
         )
 
     def describe(self) -> Mapping[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,16 +63,23 @@ def post(
     server: TorchServe,
     model: str,
     body: bytes,
-    query: str = "",
+    options: str = "",
     headers: dict[str, str] | None = None,
 ) -> Reply:
-    """POST /predictions/<model> with the inference token."""
+    """POST /predictions/<model> with the inference token.
+
+    ``options`` is written like a query string (``?methods=gradcam&top_k=2``) and
+    sent as ``X-Camserve-<option>`` headers: TorchServe drops the query string of
+    prediction requests.
+    """
     req = urllib.request.Request(
-        f"{server.inference_url}/predictions/{model}{query}", data=body, method="POST"
+        f"{server.inference_url}/predictions/{model}", data=body, method="POST"
     )
     token = server.token("inference")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    for key, value in urllib.parse.parse_qsl(options.lstrip("?")):
+        req.add_header(f"X-Camserve-{key}", value)
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:

@@ -61,7 +61,7 @@ def concurrently(calls: list[Any]) -> list[Reply]:
     return [r for r in out if r is not None]
 
 
-def test_raw_png_with_query_options_matches_the_engine(server: TorchServe) -> None:
+def test_raw_png_with_header_options_matches_the_engine(server: TorchServe) -> None:
     name = model_of("classifier")
     image, _ = scene_png(1)
     r = post(
