@@ -76,6 +76,7 @@ class EngineCall:
     inputs: torch.Tensor | tuple[torch.Tensor, ...]
     targets: Any
     score: str = "logit"
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class BatchRunner:
                 }
             )
         timings = {k: float(v) for k, v in exp.timings.items() if k != "total"}
+        timings.update(call.timings)
         timings["encode"] = time.perf_counter() - t0
         return payloads, timings
 
