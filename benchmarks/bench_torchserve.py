@@ -63,19 +63,20 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
     """A stock-handler archive of zoo model ``name`` in ``out``."""
     import subprocess
 
-    from camserve import zoo
+    from camserve.zoo.store import load as zoo_load
 
-    model, entry = zoo.load(store, name)
+    model, entry = zoo_load(store, name)
     work = out / "stock_src"
     work.mkdir(parents=True, exist_ok=True)
     (work / "stock_model.py").write_text(
-        MODEL_FILE.format(cls=type(model).__name__, kwargs=dict(entry.get("kwargs", {})))
+        MODEL_FILE.format(cls=type(model).__name__, kwargs=dict(entry.kwargs))
     )
     import torch
 
     torch.save(model.state_dict(), work / "weights.pth")
-    labels = list(model.labels)
+    labels = list(entry.labels)
     (work / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(labels)}))
+    (work / "input.json").write_text(json.dumps({"mean": list(entry.mean), "std": list(entry.std)}))
     subprocess.run(
         [
             sys.executable,
@@ -92,7 +93,7 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
             "--handler",
             str(REPO / "benchmarks" / "stock_classifier_handler.py"),
             "--extra-files",
-            str(work / "index_to_name.json"),
+            f"{work / 'index_to_name.json'},{work / 'input.json'}",
             "--export-path",
             str(out),
             "--force",

@@ -1,7 +1,7 @@
-"""TorchServe's stock ``image_classifier`` handler, with the zoo models' input transform.
+"""TorchServe's stock ``image_classifier`` handler, with the zoo model's input transform.
 
 Used by bench_torchserve.py as the predictions-only baseline. Only
-``image_processing`` differs from the stock class (the model's 64 px input and
+``image_processing`` differs from the stock class (the model's own input size and
 mean/std instead of ImageNet's resize-256 / crop-224), so both handlers do the
 same model work.
 """
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 from typing import Any
 
 import torch
-
-from camserve.zoo.train import MEAN, STD
 
 
 def _declare_torchvision_ops() -> Any:
@@ -44,8 +43,16 @@ from ts.torch_handler.image_classifier import ImageClassifier  # noqa: E402
 
 
 class StockClassifier(ImageClassifier):
-    """The stock image classifier: top-5 labels and probabilities, no maps."""
+    """The stock image classifier: top-5 labels and probabilities, no maps.
 
-    image_processing = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize(mean=list(MEAN), std=list(STD))]
-    )
+    ``input.json`` (an extra file of the archive) gives the model's mean and std.
+    """
+
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        path = os.path.join(context.system_properties["model_dir"], "input.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        self.image_processing = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize(mean=cfg["mean"], std=cfg["std"])]
+        )

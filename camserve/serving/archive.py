@@ -2,7 +2,7 @@
 
 Each archive holds the handler for the model's kind, the model's state dict and
 the zoo's manifest (as extra files); the handler loads the model through
-:func:`camserve.zoo.load`, so no model code is pickled or copied into archives.
+:func:`camserve.zoo.store.load`, so no model code is pickled or copied into archives.
 """
 
 from __future__ import annotations
@@ -33,12 +33,6 @@ HANDLERS = {
     "captioner": REPO_ROOT / "handlers" / "caption_handler.py",
     "vqa": REPO_ROOT / "handlers" / "vqa_handler.py",
 }
-_KINDS = {
-    "resnet_gap": "classifier",
-    "vgg_fc": "classifier",
-    "captioner": "captioner",
-    "vqa": "vqa",
-}
 
 
 def build_zoo(store: Path) -> None:
@@ -59,10 +53,9 @@ def zoo_models(store: Path) -> dict[str, dict[str, Any]]:
         entries = {e["name"]: e for e in entries}
     out: dict[str, dict[str, Any]] = {}
     for name, entry in entries.items():
-        arch = str(entry.get("arch", ""))
-        kind = entry.get("kind") or _KINDS.get(arch)
+        kind = entry.get("kind")
         if kind not in HANDLERS:
-            raise ValueError(f"model {name!r}: unknown kind {kind!r} (arch {arch!r})")
+            raise ValueError(f"model {name!r}: unknown kind {kind!r}")
         out[name] = {"kind": kind, "files": [store / entry["state_dict"]]}
     return out
 

@@ -86,7 +86,8 @@ def post(
         with urllib.request.urlopen(req, timeout=120) as resp:
             return Reply(resp.status, resp.read())
     except urllib.error.HTTPError as exc:
-        return Reply(exc.code, exc.read())
+        with exc:
+            return Reply(exc.code, exc.read())
 
 
 def start(tmp: Path, **kwargs: Any) -> TorchServe:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from camserve.errors import InvalidRequestError
 from camserve.serving.archive import zoo_models
 from camserve.serving.launcher import DEPLOY_DIR, REPO_ROOT
 from camserve.serving.response import decode_map
@@ -159,5 +160,5 @@ def test_vqa_handler_counterfactual_answers() -> None:
 def test_handler_refuses_the_wrong_kind_of_model() -> None:
     name = model_name("captioner")
     handler = handler_module("classifier").ClassifierHandler()
-    with pytest.raises(ValueError, match="is a captioner, not a classifier"):
+    with pytest.raises(InvalidRequestError, match="is a captioner, not a classifier"):
         handler.initialize(context(name, [{}]))
