@@ -150,6 +150,8 @@ def test_bad_layers_and_settings() -> None:
 
 
 def test_model_not_on_the_device() -> None:
-    with pytest.raises(InvalidRequestError, match=r"parameters are on \['cpu'\], not on device meta"):
+    with pytest.raises(
+        InvalidRequestError, match=r"parameters are on \['cpu'\], not on device meta"
+    ):
         Explainer(vgg_net(), "features.3", device="meta")
     assert Explainer(vgg_net(), "features.3", device="cpu").device == torch.device("cpu")
