@@ -167,10 +167,10 @@ def gradcampp(
     g = g_y if logit_grads is None else work(logit_grads)
     a_sum = work(acts).sum(dim=(-2, -1), keepdim=True)[:, None]  # (N, 1, C, 1, 1)
     term = finite(a_sum * g)
-    den = 2.0 + term
-    den = torch.where(den.abs() < eps, torch.where(den < 0, -eps, eps), den)
+    den = term + 2.0
+    den = torch.copysign(den.abs().clamp_(min=eps), den)  # |den| >= eps, sign kept (+0 -> +eps)
     nonzero = g != 0
-    alpha = finite(torch.where(nonzero, 1.0 / den, torch.zeros_like(den)))
+    alpha = den.reciprocal_().mul_(nonzero)  # finite: |1/den| <= 1/eps; 0 where g = 0
     stats = _alpha_stats(alpha, term, nonzero)
     pos = g_y.clamp(min=0)
     if normalize_alpha:
