@@ -7,18 +7,29 @@ from collections.abc import Sequence
 
 from camserve import __version__
 
+__all__ = ["build_parser", "main"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each subcommand lives in its own module."""
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"camserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from camserve.serving import commands
+
+    commands.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``camserve`` script."""
-    build_parser().parse_args(argv)
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,10 +29,16 @@ class UnknownNameError(InvalidRequestError, KeyError):
     def __init__(self, kind: str, value: object, choices: Iterable[object] = ()) -> None:
         self.kind = kind
         self.value = value
-        self.choices = sorted(str(c) for c in choices)
+        items = list(choices)
+        ints = [c for c in items if isinstance(c, int)]
+        if len(ints) == len(items):  # class ids in numeric order
+            self.choices = [str(c) for c in sorted(ints)]
+        else:
+            self.choices = sorted(str(c) for c in items)
         shown = ", ".join(self.choices[:50])
         more = "" if len(self.choices) <= 50 else f", ... ({len(self.choices)} in all)"
-        hint = f"; valid {kind}s: {shown}{more}" if self.choices else ""
+        plural = f"{kind}es" if kind.endswith(("s", "x")) else f"{kind}s"
+        hint = f"; valid {plural}: {shown}{more}" if self.choices else ""
         super().__init__(f"unknown {kind} {value!r}{hint}")
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -1,0 +1,167 @@
+"""The method registry: ids, what each needs from the engine, and their options.
+
+Methods are pure functions (see :mod:`.gradient`, :mod:`.activation`,
+:mod:`.guided`, and the re-running methods in :mod:`.perturbation` and
+:mod:`.reference`); they never register hooks or import the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from torch import Tensor
+
+from camserve.engine.methods import activation, gradient, perturbation, reference
+from camserve.engine.methods.guided import REDUCTIONS
+from camserve.errors import InvalidRequestError, UnknownNameError
+
+__all__ = [
+    "GRADIENT_METHODS",
+    "INPUT_METHODS",
+    "LAYER_METHODS",
+    "RERUN_METHODS",
+    "GradKind",
+    "activation",
+    "check_options",
+    "gradient",
+    "list_methods",
+    "perturbation",
+    "reference",
+    "rerun_function",
+]
+
+GradKind = Literal["normal", "guided", "deconv"]
+
+GradientMethod = Callable[[Tensor, Tensor], Tensor]
+
+GRADIENT_METHODS: dict[str, tuple[GradientMethod, GradKind]] = {
+    "gradcam": (gradient.gradcam, "normal"),
+    "gradcam_pos": (gradient.gradcam_pos, "normal"),
+    "xgradcam": (gradient.xgradcam, "normal"),
+    "layercam": (gradient.layercam, "normal"),
+    "hirescam": (gradient.hirescam, "normal"),
+    "counterfactual": (gradient.counterfactual, "normal"),
+    "gradcam_norelu": (gradient.gradcam_norelu, "normal"),
+    "gradcam_abs": (gradient.gradcam_abs, "normal"),
+    "gradcam_gmp": (gradient.gradcam_gmp, "normal"),
+    "gradcam_guidedrelu": (gradient.gradcam, "guided"),
+    "gradcam_deconvrelu": (gradient.gradcam, "deconv"),
+}
+"""Methods whose map is a pure function of (activations, gradients of one kind)."""
+
+RERUN_METHODS: dict[str, Callable[..., Tensor]] = {
+    "ablationcam": perturbation.ablation_cam,
+    "scorecam": perturbation.score_cam,
+    "occlusion": perturbation.occlusion,
+    "integrated_gradients": reference.integrated_gradients,
+    "gradient_shap": reference.gradient_shap,
+}
+"""Re-running methods: id -> pure implementation (options go to its keyword arguments)."""
+
+LAYER_METHODS: tuple[str, ...] = (
+    "cam",
+    "gradcam",
+    "gradcam_pos",
+    "gradcampp",
+    "xgradcam",
+    "ablationcam",
+    "scorecam",
+    "layercam",
+    "hirescam",
+    "counterfactual",
+    "gradcam_norelu",
+    "gradcam_abs",
+    "gradcam_gmp",
+    "gradcam_guidedrelu",
+    "gradcam_deconvrelu",
+)
+"""Methods giving maps ``(N, K, h, w)`` at a layer's resolution."""
+
+INPUT_METHODS: tuple[str, ...] = (
+    "guided_backprop",
+    *(f"guided_{m}" for m in LAYER_METHODS),
+    "occlusion",
+    "integrated_gradients",
+    "gradient_shap",
+)
+"""Methods giving maps ``(N, K, H, W)`` at the input resolution (layer key ``"input"``)."""
+
+# method id -> option name -> (accepted types, allowed values or None)
+_OPTIONS: dict[str, dict[str, tuple[tuple[type, ...], tuple[object, ...] | None]]] = {
+    "gradcampp": {"normalize_alpha": ((bool,), None)},
+    "ablationcam": {"form": ((str,), ("score", "sum")), "batch_size": ((int,), None)},
+    "scorecam": {"batch_size": ((int,), None)},
+    "occlusion": {
+        "mask": ((int,), None),
+        "stride": ((int,), None),
+        "fill": ((float, int), None),
+        "batch_size": ((int,), None),
+    },
+    "integrated_gradients": {
+        "baseline": ((Tensor, type(None)), None),
+        "steps": ((int,), None),
+        "rule": ((str,), None),
+        "batch_size": ((int,), None),
+    },
+    "gradient_shap": {
+        "baselines": ((Tensor, type(None)), None),
+        "samples": ((int,), None),
+        "stdev": ((float, int), None),
+        "seed": ((int,), None),
+        "batch_size": ((int,), None),
+    },
+    "guided_backprop": {"reduce": ((str,), REDUCTIONS)},
+}
+_POSITIVE = {"batch_size", "mask", "stride", "steps", "samples"}
+
+
+def list_methods() -> list[str]:
+    """Every method id the engine knows."""
+    return [*LAYER_METHODS, *INPUT_METHODS]
+
+
+def option_names(method: str) -> list[str]:
+    """The options ``method`` accepts."""
+    return sorted(_OPTIONS.get(method, {}))
+
+
+def check_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Validate ``explain(options=...)``: known methods, known option names, sane values.
+
+    Options for ``guided_backprop`` also apply to every ``guided_<m>``.
+
+    Raises:
+        UnknownNameError: an unknown method or option name.
+        InvalidRequestError: a value of the wrong type or out of range.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    known = list_methods()
+    for method, opts in (options or {}).items():
+        if method not in known:
+            raise UnknownNameError("method", method, known)
+        if not isinstance(opts, Mapping):
+            raise InvalidRequestError(
+                f"options[{method!r}] must be a mapping, got {type(opts).__name__}"
+            )
+        spec = _OPTIONS.get(method, {})
+        for name, value in opts.items():
+            if name not in spec:
+                raise UnknownNameError(
+                    "option", f"{method}.{name}", [f"{method}.{n}" for n in spec]
+                )
+            types, allowed = spec[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                names = "/".join(t.__name__ for t in types)
+                raise InvalidRequestError(f"option {method}.{name} must be {names}, got {value!r}")
+            if allowed is not None and value not in allowed:
+                raise UnknownNameError(f"{method}.{name} value", value, allowed)
+            if name in _POSITIVE and isinstance(value, int) and value < 1:
+                raise InvalidRequestError(f"option {method}.{name} must be >= 1, got {value}")
+        out[method] = dict(opts)
+    return out
+
+
+def rerun_function(method: str) -> Callable[..., Tensor]:
+    """The pure implementation of a re-running method (Ablation-CAM, Score-CAM, ...)."""
+    return RERUN_METHODS[method]

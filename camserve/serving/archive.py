@@ -1,0 +1,101 @@
+"""Builds the TorchServe archives (``.mar``) of the zoo's models.
+
+Each archive holds the handler for the model's kind, the model's state dict and
+the zoo's manifest (as extra files); the handler loads the model through
+:func:`camserve.zoo.load`, so no model code is pickled or copied into archives.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from camserve.serving.launcher import REPO_ROOT
+
+__all__ = ["ARCHIVE_INFO", "HANDLERS", "build_archives", "build_zoo", "zoo_models"]
+
+ARCHIVE_INFO = "camserve.json"
+"""Extra file of every archive: the zoo model it serves and its kind."""
+
+HANDLERS = {
+    "classifier": REPO_ROOT / "handlers" / "classifier_handler.py",
+    "captioner": REPO_ROOT / "handlers" / "caption_handler.py",
+    "vqa": REPO_ROOT / "handlers" / "vqa_handler.py",
+}
+_KINDS = {
+    "resnet_gap": "classifier",
+    "vgg_fc": "classifier",
+    "captioner": "captioner",
+    "vqa": "vqa",
+}
+
+
+def build_zoo(store: Path) -> None:
+    """Generates the data and trains every demo model into ``store`` (minutes)."""
+    store.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "camserve.zoo.build", "--out", str(store)],
+        check=True,
+        cwd=REPO_ROOT,
+    )
+
+
+def zoo_models(store: Path) -> dict[str, dict[str, Any]]:
+    """Model name -> {"kind", "files"} from the zoo's manifest in ``store``."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    entries = manifest["models"]
+    if isinstance(entries, list):
+        entries = {e["name"]: e for e in entries}
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in entries.items():
+        arch = str(entry.get("arch", ""))
+        kind = entry.get("kind") or _KINDS.get(arch)
+        if kind not in HANDLERS:
+            raise ValueError(f"model {name!r}: unknown kind {kind!r} (arch {arch!r})")
+        out[name] = {"kind": kind, "files": [store / entry["state_dict"]]}
+    return out
+
+
+def build_archives(store: Path, names: list[str] | None = None) -> list[Path]:
+    """Archives the zoo's models in ``store`` as ``store/<name>.mar``; returns the paths."""
+    models = zoo_models(store)
+    paths = []
+    for name, info in models.items():
+        if names is not None and name not in names:
+            continue
+        extra = [str(p) for p in info["files"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            # The archive must hold the manifest under its own name beside the state dict.
+            manifest = Path(tmp) / "manifest.json"
+            manifest.write_text((store / "manifest.json").read_text())
+            extra.append(str(manifest))
+            # Which zoo model this archive serves, whatever name it is registered under.
+            own = Path(tmp) / ARCHIVE_INFO
+            own.write_text(json.dumps({"zoo_name": name, "kind": info["kind"]}))
+            extra.append(str(own))
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "from model_archiver.model_packaging import generate_model_archive as g; g()",
+                    "--model-name",
+                    name,
+                    "--version",
+                    "1.0",
+                    "--handler",
+                    str(HANDLERS[info["kind"]]),
+                    "--extra-files",
+                    ",".join(extra),
+                    "--export-path",
+                    str(store),
+                    "--force",
+                ],
+                check=True,
+                cwd=tmp,
+            )
+        paths.append(store / f"{name}.mar")
+    return paths
