@@ -248,7 +248,7 @@ def read_dataset(root: str | Path, instances: str = "instances.json") -> list[Da
         if not path.exists():
             path = base / "images" / str(im["file_name"])
         with Image.open(path) as pil:
-            pixels = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+            pixels = np.array(pil.convert("RGB"), dtype=np.uint8)  # writable copy
         records.append(DatasetRecord(iid, str(im["file_name"]), pixels, tuple(by_image[iid]),
                                      tuple(captions.get(iid, [])), tuple(qas.get(iid, []))))
     return records
