@@ -63,9 +63,9 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
     """A stock-handler archive of zoo model ``name`` in ``out``."""
     import subprocess
 
-    from camserve.zoo.store import load as zoo_load
+    from camserve import zoo
 
-    model, entry = zoo_load(store, name)
+    model, entry = zoo.load(store, name)
     work = out / "stock_src"
     work.mkdir(parents=True, exist_ok=True)
     (work / "stock_model.py").write_text(

@@ -5,7 +5,7 @@
 A thin adapter: requests go through :class:`camserve.serving.batch.BatchRunner`
 (one forward and one backward per batch), per-item errors become per-item
 statuses, and metrics go to TorchServe's metrics cache. The model is loaded from
-the archive's extra files with :func:`camserve.zoo.store.load`.
+the archive's extra files with :func:`camserve.zoo.load`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each archive holds the handler for the model's kind, the model's state dict and
 the zoo's manifest (as extra files); the handler loads the model through
-:func:`camserve.zoo.store.load`, so no model code is pickled or copied into archives.
+:func:`camserve.zoo.load`, so no model code is pickled or copied into archives.
 """
 
 from __future__ import annotations

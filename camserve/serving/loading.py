@@ -33,8 +33,8 @@ def load_task(
         device: where to run it.
         kind: ``classifier``, ``captioner`` or ``vqa``; a mismatch raises.
     """
+    from camserve import zoo
     from camserve.zoo.models import Captioner
-    from camserve.zoo.store import load as zoo_load
     from camserve.zoo.text import EOS, PAD, Vocab
 
     model_dir = Path(model_dir)
@@ -42,7 +42,7 @@ def load_task(
     info_path = model_dir / ARCHIVE_INFO
     if info_path.exists():
         zoo_name = str(json.loads(info_path.read_text())["zoo_name"])
-    model, entry = zoo_load(model_dir, zoo_name, device)
+    model, entry = zoo.load(model_dir, zoo_name, device)
     if kind is not None and entry.kind != kind:
         raise InvalidRequestError(f"model {zoo_name!r} is a {entry.kind}, not a {kind}")
     _, height, width = entry.input_size

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 
 def engine_maps(name: str, image: bytes, inputs_extra: Any = None, **kw: Any) -> Any:
     """The engine called directly on the same image and model (the zoo's own loader)."""
+    from camserve import zoo
     from camserve.serving.images import InputTransform, decode_image
-    from camserve.zoo.store import load as zoo_load
 
-    model, entry = zoo_load(STORE, name)
+    model, entry = zoo.load(STORE, name)
     _, h, w = entry.input_size
     x = InputTransform((h, w), entry.mean, entry.std)(decode_image(image))[None]
     inputs = x if inputs_extra is None else (x, inputs_extra)
