@@ -35,14 +35,14 @@ HANDLERS = {
 }
 
 
-def build_zoo(store: Path) -> None:
-    """Generates the data and trains every demo model into ``store`` (minutes)."""
+def build_zoo(store: Path, force: bool = False) -> None:
+    """Generates the data and trains every demo model into ``store`` (minutes).
+
+    Unless ``force``, a store whose manifest matches the zoo's build settings is kept.
+    """
     store.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "camserve.zoo.build", "--out", str(store)],
-        check=True,
-        cwd=REPO_ROOT,
-    )
+    cmd = [sys.executable, "-m", "camserve.zoo.build", "--out", str(store)]
+    subprocess.run(cmd if force else [*cmd, "--if-missing"], check=True, cwd=REPO_ROOT)
 
 
 def zoo_models(store: Path) -> dict[str, dict[str, Any]]:
