@@ -74,9 +74,8 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
     """A stock-handler archive of zoo model ``name`` in ``out``."""
     import subprocess
 
-    from camserve.zoo.train import MEAN, STD
-
     from camserve import zoo
+    from camserve.zoo.train import MEAN, STD
 
     model, entry = zoo.load(store, name)
     work = out / "stock_src"
@@ -85,7 +84,7 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
         STOCK_HANDLER.replace("MEAN", repr(list(MEAN))).replace("STD", repr(list(STD)))
     )
     (work / "stock_model.py").write_text(
-        MODEL_FILE.format(cls=type(model).__name__, kwargs=dict(entry.get("kwargs", {})))
+        MODEL_FILE.format(cls=type(model).__name__, kwargs=dict(entry.kwargs))
     )
     import torch
 

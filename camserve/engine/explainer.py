@@ -284,18 +284,17 @@ class Explainer:
                     logit_grads = {
                         name: g[:, k:] for name, g in zip(self.layers, res, strict=False)
                     }
-        del scores, logit_scores
-        target_scores = finite(
-            (fn_scores if fn_scores is not None else target.scores(_detached(output), rows))
-            .detach()
-            .float()
-        )
+        # Drop the graph now: the re-running methods below must not keep it alive.
+        output = _detached(output)
+        target_scores = finite(scores.detach().float())
+        del scores, logit_scores, fn_scores, grad_layers
+        acts = {name: a.detach() for name, a in acts.items()}
 
         runner = Runner(self.model, xs, target, self._split if use_fx else None, frontier)
         maps: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         stats: dict[str, dict[str, float]] = {}
         for li, name in enumerate(self.layers):
-            a = acts[name].detach()
+            a = acts[name]
             for m in layer_ids:
                 with watch.stage(f"method.{m}"):
                     maps[name][m] = self._layer_map(
@@ -317,9 +316,9 @@ class Explainer:
             maps[INPUT_LAYER] = self._input_maps(
                 requested, maps, guided_input, target_scores, runner, opts, watch
             )
-        logits = _detached(output) if _is_logits(output) else None
+        logits = output if _is_logits(output) else None
         return Explanation(
-            output=_finite_tree(_detached(output)),
+            output=_finite_tree(output),
             logits=finite(logits.float()) if logits is not None else None,
             probabilities=finite(torch.softmax(logits.float(), dim=1))
             if logits is not None

@@ -147,3 +147,11 @@ def test_bad_layers_and_settings() -> None:
         Explainer(vgg_net(), "flat").explain(x())
     with pytest.raises(InvalidRequestError, match="at least one method"):
         Explainer(vgg_net(), "features.3").explain(x(), methods=[])
+
+
+def test_model_not_on_the_device() -> None:
+    with pytest.raises(
+        InvalidRequestError, match=r"parameters are on \['cpu'\], not on device meta"
+    ):
+        Explainer(vgg_net(), "features.3", device="meta")
+    assert Explainer(vgg_net(), "features.3", device="cpu").device == torch.device("cpu")

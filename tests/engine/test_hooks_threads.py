@@ -158,3 +158,26 @@ def test_other_threads_calling_the_model_are_untouched() -> None:
     t.join(timeout=30)
     assert torch.allclose(plain["out"], expected)
     assert not plain["out"].requires_grad
+
+
+def test_relu_routing_is_thread_local() -> None:
+    """Guided/deconv ReLU routing applies to the calling thread only."""
+    from camserve.engine.relu import ReluRouting, ReluState
+
+    inside, done = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def other() -> None:
+        inside.wait(timeout=20)
+        y = torch.relu(torch.randn(3, requires_grad=True))
+        seen["other"] = type(y.grad_fn).__name__
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with ReluRouting(ReluState()):
+        inside.set()
+        done.wait(timeout=20)
+        seen["mine"] = type(torch.relu(torch.randn(3, requires_grad=True)).grad_fn).__name__
+    t.join(timeout=20)
+    assert seen == {"other": "ReluBackward0", "mine": "_SwitchReLUBackward"}

@@ -123,6 +123,28 @@ def test_ablation_batch_size_does_not_change_the_map() -> None:
     close(maps[0], maps[2])
 
 
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_ablation_with_a_tail_that_writes_into_its_input(batch_size: int) -> None:
+    """Regression: the ablated copies are one reused buffer; in-place tails must not corrupt it."""
+    net, _, acts, targets = make(DeepHeadNet)
+    scores = net.head(acts).gather(1, targets).detach()
+
+    def inplace_tail(i: int, a: Tensor) -> Tensor:
+        a.mul_(2.0)  # an in-place op right after the layer (nn.ReLU(inplace=True)-like)
+        return net.head(a / 2.0)[:, targets[i]]
+
+    got = ablation_cam(acts, scores, inplace_tail, batch_size=batch_size)
+    close(got, ablation_reference(net, acts, targets, "score"))
+
+
+def test_ablation_leaves_the_activations_untouched() -> None:
+    net, _, acts, targets = make(DeepHeadNet)
+    before = acts.clone()
+    scores = net.head(acts).gather(1, targets).detach()
+    ablation_cam(acts, scores, tail_of(net, targets), batch_size=4)
+    assert torch.equal(acts, before)
+
+
 def test_ablation_sum_form_is_cam_on_gap_net() -> None:
     """000 sec. 3: on GAP + linear, S - S_k = W_ck mean(A^k), so the /sum(A) form is CAM / Z."""
     net, _, acts, targets = make(GapNet, n=3)

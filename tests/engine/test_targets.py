@@ -75,3 +75,74 @@ def test_score_function_of_a_tuple_output() -> None:
     assert isinstance(res.output, tuple)
     plain = Explainer(model.body, "features.3").explain(x, targets=[[0, 1, 2]] * 2)
     close(res.map("gradcam"), 2 * plain.map("gradcam"))
+
+
+class Captioner(torch.nn.Module):
+    """CNN encoder -> LSTM decoder with teacher forcing (001 sec. 2.2 in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1, stride=2), torch.nn.ReLU()
+        )
+        self.init = torch.nn.Linear(8, 16)
+        self.embed = torch.nn.Embedding(10, 16)
+        self.lstm = torch.nn.LSTM(16, 16, batch_first=True)
+        self.out = torch.nn.Linear(16, 10)
+        self.eval()
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h0 = torch.tanh(self.init(self.features(image).mean(dim=(2, 3))))[None]
+        y, _ = self.lstm(self.embed(tokens), (h0, torch.zeros_like(h0)))
+        return self.out(y)  # (N, T, vocab)
+
+
+def test_caption_word_scores_through_an_lstm() -> None:
+    model = Captioner()
+    images = torch.randn(2, 3, 16, 16)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+
+    def words(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(out, dim=-1)
+        r = torch.arange(len(rows))
+        return torch.stack([lp[r, 0, tokens[rows, 1]], lp[r, 1, tokens[rows, 2]]], dim=1)
+
+    ex = Explainer(model, "features")
+    res = ex.explain(
+        (images, tokens), methods=["gradcam", "gradcampp", "ablationcam"], targets=words
+    )
+    assert res.logits is None and res.target_scores.shape == (2, 2)
+    for j in range(2):
+        one = ex.explain(
+            (images, tokens),
+            methods=["gradcam", "ablationcam"],
+            targets=lambda o, rows, j=j: words(o, rows)[:, j : j + 1],
+        )
+        close(res.target_scores[:, j], one.target_scores[:, 0])
+        for m in ("gradcam", "ablationcam"):
+            close(res.map(m)[:, j], one.map(m)[:, 0])
+
+
+def test_per_target_loop_fallback_gives_the_same_maps(monkeypatch) -> None:
+    """When vmap cannot batch an op, the K targets go through one by one, same result."""
+    model = vgg_net()
+    x = torch.randn(2, 3, 16, 16)
+    ex = Explainer(model, "features.3")
+    methods = ["gradcam", "gradcampp", "gradcam_guidedrelu", "guided_backprop"]
+    batched = ex.explain(x, methods=methods, targets=3)
+    real = torch.autograd.grad
+    refused: list[int] = []
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            refused.append(1)
+            raise RuntimeError("Batching rule not implemented (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = ex.explain(x, methods=methods, targets=3)
+    assert len(refused) == 2  # the normal and the guided backward fell back
+    for layer, maps in batched.maps.items():
+        for m, v in maps.items():
+            close(looped.maps[layer][m], v)

@@ -26,11 +26,15 @@ def combine(acts: Tensor, weights: Tensor, *, relu: bool = True) -> Tensor:
     Returns:
         float32 ``(N, K, h, w)``.
     """
-    maps = torch.einsum("nkc,nchw->nkhw", finite(work(weights)), finite(work(acts)))
+    a = finite(work(acts))
+    w = finite(work(weights)).to(a.dtype)
+    n, c, h, wd = a.shape
+    maps = torch.bmm(w, a.reshape(n, c, h * wd)).reshape(n, w.shape[1], h, wd)
     return finite((maps.clamp(min=0) if relu else maps).float())
 
 
 def combine_elementwise(acts: Tensor, weights: Tensor, *, relu: bool = True) -> Tensor:
     """``L^c = ReLU(sum_k W_k^c ∘ A^k)`` with per-position weights ``(N, K, C, h, w)``."""
-    maps = torch.einsum("nkchw,nchw->nkhw", finite(work(weights)), finite(work(acts)))
+    a = finite(work(acts))
+    maps = (finite(work(weights)).to(a.dtype) * a[:, None]).sum(dim=2)
     return finite((maps.clamp(min=0) if relu else maps).float())

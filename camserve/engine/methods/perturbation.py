@@ -86,14 +86,24 @@ def ablation_cam(
         acts = activations.detach()
         s = scores.detach().to(device=acts.device, dtype=dtype)
         out = torch.zeros((n, k, h, w), dtype=dtype, device=acts.device)
+        rows = torch.arange(min(bs, c), device=acts.device)
         for i in range(n):
             ablated = torch.empty((c, k), dtype=dtype, device=acts.device)
+            # One buffer of copies per image; each chunk zeroes its own diagonal
+            # and restores it afterwards, so a chunk writes (B, h, w) values,
+            # not (B, C, h, w) (a fresh copy per chunk dominated the run time).
+            buffer = acts[i].unsqueeze(0).repeat(min(bs, c), 1, 1, 1)
             for c0 in range(0, c, bs):
                 b = min(bs, c - c0)
-                batch = acts[i].unsqueeze(0).repeat(b, 1, 1, 1)
-                rows = torch.arange(b, device=acts.device)
-                batch[rows, rows + c0] = 0
+                batch = buffer[:b]
+                diag = (rows[:b], rows[:b] + c0)
+                batch[diag] = 0
+                version = buffer._version
                 ablated[c0 : c0 + b] = _check_output("tail", tail(i, batch), b, k).to(dtype)
+                if buffer._version != version:  # the tail wrote into its input (in-place ops)
+                    buffer = acts[i].unsqueeze(0).repeat(min(bs, c), 1, 1, 1)
+                else:
+                    batch[diag] = acts[i, c0 : c0 + b]
             a = acts[i].to(dtype)
             drop = s[i].unsqueeze(0) - ablated  # (C, K)
             if form == "score":
