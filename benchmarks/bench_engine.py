@@ -123,9 +123,37 @@ def run_rounds(workloads: list[Workload], base: Callable[[], Any], rounds: int,
     return out
 
 
-def _maxrss_mib() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _peak_extra_mib(fn: Callable[[], Any]) -> tuple[float, float, str]:
+    """Resident memory before ``fn`` and the peak above it while ``fn`` runs (MiB).
+
+    ``ru_maxrss`` is inherited across fork and exec on Linux, so a probe started by
+    a large process reads its parent's peak. The process's own high-water mark
+    (``VmHWM``), reset through ``/proc/self/clear_refs``, has no such problem.
+    """
+    rss = _proc_status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    if rss is not None and reset:
+        fn()
+        hwm = _proc_status_kib("VmHWM") or rss
+        return rss / 1024, (hwm - rss) / 1024, "VmHWM (reset) - VmRSS"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return before / 1024, (after - before) / 1024, "ru_maxrss growth (lower bound)"
 
 
 def probe_memory(args: argparse.Namespace) -> None:
@@ -139,18 +167,16 @@ def probe_memory(args: argparse.Namespace) -> None:
     fn = base if wname == "fwd" else wl[wname].fn
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        before = torch.cuda.max_memory_allocated(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         print(json.dumps({"before_mib": before / 2**20, "extra_mib": (peak - before) / 2**20,
-                          "kind": "cuda max_memory_allocated"}))
+                          "kind": "cuda max_memory_allocated - memory_allocated"}))
     else:
-        before = _maxrss_mib()
-        fn()
-        print(json.dumps({"before_mib": before, "extra_mib": _maxrss_mib() - before,
-                          "kind": "maxrss"}))
+        before_mib, extra, kind = _peak_extra_mib(fn)
+        print(json.dumps({"before_mib": before_mib, "extra_mib": extra, "kind": kind}))
 
 
 def measure_memory(model_name: str, names: list[str], args: argparse.Namespace
@@ -208,15 +234,19 @@ def report(results: dict[str, Any], peers: dict[str, str | None]) -> str:
     lines = []
     for model, res in results.items():
         t = res["timing"]
-        base_ms = t["fwd"]["median_s"] * 1e3
-        lines.append(f"\n### {model}: plain forward {base_ms:.1f} ms (median of {t['fwd']['n']})\n")
-        lines.append("| workload | group | what | ratio (median) | min-max | ms / image | n |")
-        lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-        for name, e in t.items():
-            lines.append(f"| {name} | {e['group']} | {e['what']} | {_fmt_ratio(e['ratio'])} | "
-                         f"{e['ratio_min']:.2f}-{e['ratio_max']:.2f} | {e['median_s'] * 1e3:.1f} | "
-                         f"{e['n']} |")
-        lines.append("\nGoals:")
+        if not t:
+            lines.append(f"\n### {model}\n")
+        else:
+            base_ms = t["fwd"]["median_s"] * 1e3
+            lines.append(f"\n### {model}: plain forward {base_ms:.1f} ms "
+                         f"(median of {t['fwd']['n']})\n")
+            lines.append("| workload | group | what | ratio (median) | min-max | ms / image | n |")
+            lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+            for name, e in t.items():
+                lines.append(f"| {name} | {e['group']} | {e['what']} | {_fmt_ratio(e['ratio'])} "
+                             f"| {e['ratio_min']:.2f}-{e['ratio_max']:.2f} | "
+                             f"{e['median_s'] * 1e3:.1f} | {e['n']} |")
+            lines.append("\nGoals:")
         for name, (limit, what) in GOALS.items():
             if name not in t:
                 continue
@@ -304,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"[{model_name}] {len(workloads)} workloads x {args.rounds} rounds",
               file=sys.stderr, flush=True)
-        res: dict[str, Any] = {"timing": run_rounds(workloads, plain_forward(s), args.rounds,
-                                                    device)}
+        res: dict[str, Any] = {"timing": {}}
+        if args.rounds > 0:
+            res["timing"] = run_rounds(workloads, plain_forward(s), args.rounds, device)
         if not args.no_crosscheck:
             slow = any(w.name == "pgc.ablation.top1" for w in workloads)
             res["crosscheck"] = [c.__dict__ for c in cross_check(s, peers, with_ablation=slow)]
