@@ -35,21 +35,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import os  # noqa: E402
+
 from camserve.serving.archive import zoo_models  # noqa: E402
 from camserve.serving.launcher import ServeConfig, TorchServe  # noqa: E402
-
-STOCK_HANDLER = '''
-from torchvision import transforms
-from ts.torch_handler.image_classifier import ImageClassifier
-
-
-class StockClassifier(ImageClassifier):
-    """TorchServe's stock image classifier with the model's own input transform."""
-
-    image_processing = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)]
-    )
-'''
 
 MODEL_FILE = """
 from camserve.zoo.models import {cls} as _Base
@@ -75,22 +64,19 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
     import subprocess
 
     from camserve import zoo
-    from camserve.zoo.train import MEAN, STD
 
     model, entry = zoo.load(store, name)
     work = out / "stock_src"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "stock_handler.py").write_text(
-        STOCK_HANDLER.replace("MEAN", repr(list(MEAN))).replace("STD", repr(list(STD)))
-    )
     (work / "stock_model.py").write_text(
         MODEL_FILE.format(cls=type(model).__name__, kwargs=dict(entry.kwargs))
     )
     import torch
 
     torch.save(model.state_dict(), work / "weights.pth")
-    labels = list(model.labels)
+    labels = list(entry.labels)
     (work / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(labels)}))
+    (work / "input.json").write_text(json.dumps({"mean": list(entry.mean), "std": list(entry.std)}))
     subprocess.run(
         [
             sys.executable,
@@ -105,9 +91,9 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
             "--serialized-file",
             str(work / "weights.pth"),
             "--handler",
-            str(work / "stock_handler.py"),
+            str(REPO / "benchmarks" / "stock_classifier_handler.py"),
             "--extra-files",
-            str(work / "index_to_name.json"),
+            f"{work / 'index_to_name.json'},{work / 'input.json'}",
             "--export-path",
             str(out),
             "--force",
@@ -189,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
+    deps = REPO / "build" / "ts_bench_deps"
+    if deps.is_dir():
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(deps), os.environ.get("PYTHONPATH", "")) if p
+        )
     store = Path(args.model_store).resolve()
     models = zoo_models(store)
     name = args.model or sorted(n for n, i in models.items() if i["kind"] == "classifier")[0]

@@ -16,7 +16,14 @@ from typing import Any
 
 from camserve.serving.launcher import REPO_ROOT
 
-__all__ = ["ARCHIVE_INFO", "HANDLERS", "build_archives", "build_zoo", "zoo_models"]
+__all__ = [
+    "ARCHIVE_INFO",
+    "HANDLERS",
+    "build_archives",
+    "build_zoo",
+    "write_examples",
+    "zoo_models",
+]
 
 ARCHIVE_INFO = "camserve.json"
 """Extra file of every archive: the zoo model it serves and its kind."""
@@ -26,22 +33,16 @@ HANDLERS = {
     "captioner": REPO_ROOT / "handlers" / "caption_handler.py",
     "vqa": REPO_ROOT / "handlers" / "vqa_handler.py",
 }
-_KINDS = {
-    "resnet_gap": "classifier",
-    "vgg_fc": "classifier",
-    "captioner": "captioner",
-    "vqa": "vqa",
-}
 
 
-def build_zoo(store: Path) -> None:
-    """Generates the data and trains every demo model into ``store`` (minutes)."""
+def build_zoo(store: Path, force: bool = False) -> None:
+    """Generates the data and trains every demo model into ``store`` (minutes).
+
+    Unless ``force``, a store whose manifest matches the zoo's build settings is kept.
+    """
     store.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "camserve.zoo.build", "--out", str(store)],
-        check=True,
-        cwd=REPO_ROOT,
-    )
+    cmd = [sys.executable, "-m", "camserve.zoo.build", "--out", str(store)]
+    subprocess.run(cmd if force else [*cmd, "--if-missing"], check=True, cwd=REPO_ROOT)
 
 
 def zoo_models(store: Path) -> dict[str, dict[str, Any]]:
@@ -52,10 +53,9 @@ def zoo_models(store: Path) -> dict[str, dict[str, Any]]:
         entries = {e["name"]: e for e in entries}
     out: dict[str, dict[str, Any]] = {}
     for name, entry in entries.items():
-        arch = str(entry.get("arch", ""))
-        kind = entry.get("kind") or _KINDS.get(arch)
+        kind = entry.get("kind")
         if kind not in HANDLERS:
-            raise ValueError(f"model {name!r}: unknown kind {kind!r} (arch {arch!r})")
+            raise ValueError(f"model {name!r}: unknown kind {kind!r}")
         out[name] = {"kind": kind, "files": [store / entry["state_dict"]]}
     return out
 
@@ -98,4 +98,28 @@ def build_archives(store: Path, names: list[str] | None = None) -> list[Path]:
                 cwd=tmp,
             )
         paths.append(store / f"{name}.mar")
+    return paths
+
+
+def write_examples(store: Path, count: int = 4, seed: int = 2024) -> list[Path]:
+    """Writes a few synthetic scenes as ``store/examples/scene_<i>.png`` (for curl examples)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from camserve.zoo.scenes import generate_scene
+
+    out = store / "examples"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        scene = generate_scene(rng, 64, 1 + i % 3)
+        buf = io.BytesIO()
+        Image.fromarray(scene.image).save(buf, format="PNG")
+        path = out / f"scene_{i}.png"
+        path.write_bytes(buf.getvalue())
+        (out / f"scene_{i}.txt").write_text(scene.caption + "\n")
+        paths.append(path)
     return paths

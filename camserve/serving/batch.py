@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from camserve.engine import Explanation, list_methods
-from camserve.engine.maps import localization_box
 from camserve.errors import CamserveError, InvalidRequestError, UnknownNameError
+from camserve.serving.boxes import localization_box
 from camserve.serving.images import DecodedImage, ImageLimits, InputTransform, decode_image
 from camserve.serving.metrics import MetricsSink, NullMetrics, record_batch
 from camserve.serving.request import ExplainRequest, parse_request
@@ -76,6 +76,7 @@ class EngineCall:
     inputs: torch.Tensor | tuple[torch.Tensor, ...]
     targets: Any
     score: str = "logit"
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class BatchRunner:
                 }
             )
         timings = {k: float(v) for k, v in exp.timings.items() if k != "total"}
+        timings.update(call.timings)
         timings["encode"] = time.perf_counter() - t0
         return payloads, timings
 
@@ -248,6 +250,10 @@ class BatchRunner:
             except CamserveError as exc:
                 results[i] = self._error(exc)
                 errors[i] = type(exc).__name__
+            except Exception:
+                log.exception("admitting request %d of %d failed", i, len(raws))
+                results[i] = self._internal()
+                errors[i] = "InternalError"
         timings: dict[str, float] = {"decode": time.perf_counter() - t0}
 
         def add(t: Mapping[str, float]) -> None:

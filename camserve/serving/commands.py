@@ -18,13 +18,13 @@ def _store(args: argparse.Namespace) -> Path:
 
 
 def _build_models(args: argparse.Namespace) -> int:
-    from camserve.serving.archive import build_archives, build_zoo
+    from camserve.serving.archive import build_archives, build_zoo, write_examples
 
     store = _store(args)
-    if args.force or not (store / "manifest.json").exists():
-        build_zoo(store)
+    build_zoo(store, force=args.force)
     for mar in build_archives(store):
         print(f"[camserve] archived {mar}")
+    write_examples(store)
     return 0
 
 

@@ -50,6 +50,31 @@ MODEL_DEFAULTS: dict[str, Any] = {
 """Settings of a model the config's ``models`` does not list."""
 
 
+def _group_members(pgid: int) -> list[int]:
+    """TorchServe processes (frontend, workers, wrapper) in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if (
+            len(fields) > 2
+            and int(fields[2]) == pgid
+            and (
+                b"org.pytorch.serve" in cmdline
+                or b"model_service_worker" in cmdline
+                or b"ts.model_server" in cmdline
+            )
+        ):
+            members.append(int(entry.name))
+    return members
+
+
 class TorchServeError(RuntimeError):
     """TorchServe did not start, did not get ready, or did not stop."""
 
@@ -296,6 +321,8 @@ class TorchServe:
             )
         finally:
             out.close()
+        # `camserve stop` from another process finds the group (workers included) here.
+        (self.run_dir / "launcher.pgid").write_text(str(self.proc.pid))
 
     def _get(self, url: str, token: str | None) -> Any:
         req = urllib.request.Request(url)
@@ -393,12 +420,25 @@ class TorchServe:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
-            # Whatever is left in the group (a stuck JVM, orphaned workers) goes now.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        # Whatever is left in the group (a stuck JVM, orphaned workers) goes now.
+        group = self._group()
+        if group is not None:
+            for pid in _group_members(group):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
             self.proc.wait(timeout=10)
             self.proc = None
+        (self.run_dir / "launcher.pgid").unlink(missing_ok=True)
         shutil.rmtree(self.run_dir / "tmp", ignore_errors=True)
+
+    def _group(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.pid
+        try:
+            return int((self.run_dir / "launcher.pgid").read_text())
+        except (OSError, ValueError):
+            return None
 
     def serve_forever(self) -> int:
         """Waits for TorchServe to exit; SIGINT/SIGTERM stop it cleanly. Returns its exit code."""
@@ -443,8 +483,9 @@ class TorchServe:
         if token:
             auth = f' -H "Authorization: Bearer {token}"'
         return (
-            f"curl -s{auth} -H 'Content-Type: image/png' --data-binary @{image} "
-            f"'{self.inference_url}/predictions/{model}?methods=gradcam&output=box'"
+            f"curl -s{auth} -H 'Content-Type: image/png' -H 'X-Camserve-Methods: gradcam' "
+            f"-H 'X-Camserve-Output: box' --data-binary @{image} "
+            f"{self.inference_url}/predictions/{model}"
         )
 
     def describe(self) -> Mapping[str, str]:

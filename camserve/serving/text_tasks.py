@@ -14,6 +14,7 @@ explain every variant with its own image's targets.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -93,8 +94,10 @@ class CaptionTask:
     def call(self, items: Sequence[Item]) -> EngineCall:
         """Generates the captions, then asks for word and caption log-probabilities."""
         x = torch.stack([it.x for it in items]).to(self._cache.device)
+        t0 = time.perf_counter()
         with torch.no_grad():
             ids = self.generate(x).cpu()
+        generate_s = time.perf_counter() - t0
         rows: list[list[int]] = []
         for it, row in zip(items, ids.tolist(), strict=True):
             words = row[: row.index(self.eos_id)] if self.eos_id in row else list(row)
@@ -117,7 +120,7 @@ class CaptionTask:
 
         for it in items:
             it.extra["width"] = width
-        return EngineCall((x, tokens), score)
+        return EngineCall((x, tokens), score, timings={"generate": generate_s})
 
     def describe(
         self, exp: Explanation, row: int, item: Item
@@ -132,7 +135,7 @@ class CaptionTask:
         ]
         whole = int(item.extra["width"])
         targets.append(Target(whole, {"caption": caption, "score": round(float(scores[whole]), 6)}))
-        return {"caption": caption, "words": words}, targets
+        return {"score": "log_probability", "caption": caption, "words": words}, targets
 
 
 class VQATask:

@@ -186,3 +186,22 @@ def test_metrics_per_stage_method_and_request(gap_model: nn.Module) -> None:
     statuses = sorted(lab["status"] for n, _, lab in sink.records if n == "camserve_requests_total")
     assert statuses == ["InvalidImageError", "ok"]
     assert all(v >= 0 for _, v, _ in sink.records)
+
+
+def test_an_unexpected_failure_answers_500_for_that_item_only(
+    gap_model: nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = make_runner(gap_model)
+    task = runner.task
+    real_prepare = task.prepare
+
+    def prepare(item: Any) -> None:
+        if item.request.layer == "features.1":
+            raise RuntimeError("a bug")
+        real_prepare(item)
+
+    task.prepare = prepare  # type: ignore[method-assign]
+    results = runner.run([json_item(png(1)), json_item(png(2), layer="features.1")])
+    assert [r.status for r in results] == [200, 500]
+    assert body(results[1])["error"]["type"] == "InternalError"
+    assert "admitting request 1 of 2 failed" in caplog.text

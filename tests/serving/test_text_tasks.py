@@ -101,6 +101,8 @@ def test_caption_words_and_whole_caption_match_the_engine() -> None:
     words = ids[: ids.index(1)] if 1 in ids else ids
     assert out["words"] == [VOCAB[w] for w in words]
     assert out["caption"] == " ".join(out["words"])
+    assert out["score"] == "log_probability"
+    assert out["timings"]["generate"] > 0
     tokens = torch.tensor([[*words, 1]])
 
     def score(logits: Tensor) -> Tensor:

@@ -178,3 +178,18 @@ def test_score_functions_follow_the_engines_rows() -> None:
     out = torch.randn(3, len(ANSWERS))
     per_image = torch.tensor([[2], [5]])
     assert torch.equal(VQAModel.answer_scores(per_image)(out, rows), out[:, [5]])
+
+
+def test_same_seed_same_weights(tmp_path: Path, one_thread: None) -> None:
+    """Deterministic build: the same seed gives the same data and the same weights."""
+    tiny = TrainConfig(epochs=1, batch_size=16)
+    cfg = BuildConfig(single_train=32, multi_train=32, vqa_train=16, single_test=8,
+                      multi_test=8, resnet=tiny, vgg=tiny, captioner=tiny, vqa=tiny)
+    for run in ("a", "b"):
+        build(tmp_path / run, cfg, log=lambda s: None)
+    for name in ("resnet_gap", "vgg_fc", "captioner", "vqa"):
+        a = torch.load(tmp_path / "a" / f"{name}.pt", weights_only=True)
+        b = torch.load(tmp_path / "b" / f"{name}.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    png = "datasets/multi_test/images/000001.png"
+    assert (tmp_path / "a" / png).read_bytes() == (tmp_path / "b" / png).read_bytes()
