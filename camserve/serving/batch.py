@@ -25,7 +25,7 @@ from camserve.errors import CamserveError, InvalidRequestError, UnknownNameError
 from camserve.serving.images import DecodedImage, ImageLimits, InputTransform, decode_image
 from camserve.serving.metrics import MetricsSink, NullMetrics, record_batch
 from camserve.serving.request import ExplainRequest, parse_request
-from camserve.serving.response import dumps, encode_error, encode_map, scale_box
+from camserve.serving.response import dumps, encode_error, encode_map, scale_box, spliced
 
 __all__ = [
     "EXPENSIVE_METHODS",
@@ -219,8 +219,10 @@ class BatchRunner:
                     box = scale_box(
                         localization_box(norm, it.request.threshold), in_size, it.image.size
                     )
-                    maps[m] = encode_map(
-                        it.request.output, raws[m][row, target.column], norm, box, it.resized
+                    maps[m] = spliced(
+                        encode_map(
+                            it.request.output, raws[m][row, target.column], norm, box, it.resized
+                        )
                     )
                 explanations.append({**target.meta, "maps": maps})
             payloads.append(
