@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.engine._numerics import finite
@@ -108,6 +109,8 @@ class Runner:
         target: the call's targets.
         split: the fx-cut model, or None.
         frontier: values recorded in the forward for the fx tails.
+        restrict_head: let ``tail`` evaluate a final ``nn.Linear`` only on the
+            K target rows (see :meth:`tail`); False computes every output.
     """
 
     model: nn.Module
@@ -115,6 +118,7 @@ class Runner:
     target: Target
     split: SplitModel | None
     frontier: tuple[Any, ...] | None
+    restrict_head: bool = True
 
     @property
     def n(self) -> int:
@@ -132,8 +136,39 @@ class Runner:
         return self.split is not None and self.frontier is not None and layer in self.split.cuts
 
     def tail(self, layer: str) -> Callable[[int, Tensor], Tensor]:
-        """``tail(i, acts)``: target scores of image i with ``layer``'s output replaced."""
+        """``tail(i, acts)``: target scores of image i with ``layer``'s output replaced.
+
+        When the fx tail ends in an ``nn.Linear`` whose output is the model
+        output and the targets are class logits (``score="logit"``, no score
+        function), only the K target rows of that Linear are evaluated:
+        ``F.linear(features, W[ids], b[ids])`` equals ``Linear(features)[:, ids]``
+        (the same dot products) at K/C of the cost. On a ResNet-50 after
+        ``layer4`` this is the 2048x1000 classifier applied to every ablated
+        copy, as much work as the whole forward. ``restrict_head=False``
+        computes every output.
+        """
         split, frontier = self.split, self.frontier
+        target = self.target
+        head = split.head(layer) if split is not None and layer in split.cuts else None
+        if (
+            self.restrict_head
+            and split is not None
+            and frontier is not None
+            and head is not None
+            and target.fn is None
+            and target.score == "logit"
+        ):
+
+            def head_tail(i: int, acts: Tensor) -> Tensor:
+                b = acts.shape[0]
+                values = [_repeat(v, i, b, self.n) for v in frontier]
+                with torch.no_grad():
+                    feats = split.tail_features(layer, acts, values)
+                    ids = target.ids[i].to(head.weight.device)
+                    bias = None if head.bias is None else head.bias[ids]
+                    return finite(F.linear(feats, head.weight[ids], bias))
+
+            return head_tail
         if split is not None and frontier is not None and layer in split.cuts:
 
             def fx_tail(i: int, acts: Tensor) -> Tensor:
