@@ -173,10 +173,17 @@ def gradcampp(
     term = finite(a_sum * g)
     den = term + 2.0
     den = torch.copysign(den.abs().clamp_(min=eps), den)  # |den| >= eps, sign kept (+0 -> +eps)
-    nonzero = g != 0
-    alpha = den.reciprocal_().mul_(nonzero)  # finite: |1/den| <= 1/eps; 0 where g = 0
-    st = _alpha_stats(alpha, term, nonzero) if stats else {}
-    del term, nonzero
+    alpha = den.reciprocal_()  # finite: |1/den| <= 1/eps
+    st: dict[str, float] = {}
+    if stats or logit_grads is not None:
+        # alpha = 0 where g = 0. Without separate logit gradients ReLU(g) is 0
+        # there anyway, so the weights need no mask (the sums are identical).
+        nonzero = g != 0
+        alpha.mul_(nonzero)
+        if stats:
+            st = _alpha_stats(alpha, term, nonzero)
+        del nonzero
+    del term
     pos = g_y.clamp(min=0)
     if normalize_alpha:
         const = torch.where(pos > 0, alpha, torch.zeros_like(alpha)).sum(dim=(-2, -1), keepdim=True)
