@@ -110,7 +110,9 @@ class Client:
             server.config.host, server.config.inference_port, timeout=120
         )
         token = server.token("inference")
-        self.headers = {"Content-Type": "image/png"}
+        # camserve's handler: predictions + the top class's Grad-CAM map (normalised,
+        # upsampled, float32) and its box; the stock handler ignores the header.
+        self.headers = {"Content-Type": "image/png", "X-Camserve-Methods": "gradcam"}
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
 
@@ -185,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.model or sorted(n for n, i in models.items() if i["kind"] == "classifier")[0]
     levels = [int(c) for c in args.concurrency.split(",")]
     body = scene_png()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         bench_store = Path(tmp) / "store"
         bench_store.mkdir()
@@ -202,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_store=bench_store, run_dir=Path(tmp) / "run", registrations=regs
         )
         paths = {
-            "ours": "/predictions/ours?methods=gradcam",
-            "ours_nobatch": "/predictions/ours_nobatch?methods=gradcam",
+            "ours": "/predictions/ours",
+            "ours_nobatch": "/predictions/ours_nobatch",
             "stock": "/predictions/stock",
             "stock_nobatch": "/predictions/stock_nobatch",
         }
@@ -212,30 +215,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in paths.values():  # warm-up
                 run_load(server, path, body, 1, 20)
             for r in range(args.rounds):
-                for c in levels:
-                    for key in ("stock", "ours"):
+                # Pairs run back to back, in alternating order, so that a slowdown
+                # episode of the machine hits both sides of a ratio alike.
+                pairs = [(("stock", "ours"), c, "") for c in levels]
+                pairs.append((("stock", "stock_nobatch"), 16, " (batching pair)"))
+                pairs.append((("ours", "ours_nobatch"), 16, " (batching pair)"))
+                for keys, c, tag in pairs:
+                    for key in keys if r % 2 == 0 else keys[::-1]:
                         res = run_load(server, paths[key], body, c, max(args.requests, 8 * c))
-                        results.setdefault(f"{key}@{c}", []).append(res)
-                for key in ("stock_nobatch", "ours_nobatch"):
-                    res = run_load(server, paths[key], body, 16, max(args.requests, 128))
-                    results.setdefault(f"{key}@16", []).append(res)
+                        results.setdefault(f"{key}@{c}{tag}", []).append(res)
                 print(f"[bench] round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
     print(f"model: {name}; {args.rounds} rounds; medians over rounds")
-    print(f"{'workload':22s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
+    print(f"{'workload':36s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
     for k, v in med.items():
-        print(f"{k:22s} {v['p50_ms']:8.2f} {v['p90_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.1f}")
-    print("ratios:")
-    for c in levels:
-        o, s = med[f"ours@{c}"], med[f"stock@{c}"]
-        print(
-            f"  concurrency {c:2d}: p50 maps/stock = {o['p50_ms'] / s['p50_ms']:.2f}x, "
-            f"throughput maps/stock = {o['rps'] / s['rps']:.2f}x"
+        print(f"{k:36s} {v['p50_ms']:8.2f} {v['p90_ms']:8.2f} {v['p99_ms']:8.2f} {v['rps']:8.1f}")
+
+    def ratios(a: str, b: str, metric: str) -> list[float]:
+        return [x[metric] / y[metric] for x, y in zip(results[a], results[b], strict=True)]
+
+    def show(label: str, values: list[float]) -> str:
+        return (
+            f"{label} {statistics.median(values):.2f}x (rounds {min(values):.2f}-{max(values):.2f})"
         )
+
+    print("ratios (median over rounds of the per-round ratio):")
+    for c in levels:
+        p50 = ratios(f"ours@{c}", f"stock@{c}", "p50_ms")
+        rps = ratios(f"ours@{c}", f"stock@{c}", "rps")
+        print(f"  concurrency {c:2d}: " + show("p50 maps/stock", p50) + ", " + show("req/s", rps))
     for key in ("ours", "stock"):
-        b, nb = med[f"{key}@16"], med[f"{key}_nobatch@16"]
-        print(f"  {key}: batching on/off at 16 clients = {b['rps'] / nb['rps']:.2f}x throughput")
+        tag = " (batching pair)"
+        on_off = ratios(f"{key}@16{tag}", f"{key}_nobatch@16{tag}", "rps")
+        print(f"  {key}: " + show("batching on/off at 16 clients, req/s", on_off))
+    print(f"load average before/after: {load_before} / {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(
             json.dumps({"model": name, "medians": med, "rounds": results}, indent=1)

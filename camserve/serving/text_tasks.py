@@ -244,6 +244,7 @@ class VQATask:
         targets = [
             Target(j, {"answer": self.answers[a], "score": round(float(scores[j]), 6)})
             for j, a in enumerate(ids)
+            if a not in ids[:j]  # a named answer that is the model's own is explained once
         ]
         head = {
             "question": item.request.question,

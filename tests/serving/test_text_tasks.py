@@ -135,15 +135,16 @@ def test_vqa_answer_and_counterfactual_answers_match_the_engine() -> None:
     runner, model = vqa_runner()
     image = png(2)
     q = "what colour is the circle?"
-    out = body(runner.run([json_item(image, question=q, answers=["blue", "no"])])[0])
     x = TRANSFORM(decode_image(image))[None]
     qt = torch.tensor([tokenize(q)])
     with torch.no_grad():
         logits = model(x, qt)
     pred = int(logits.argmax())
+    others = [a for a in ANSWERS if a != ANSWERS[pred]][:2]
+    out = body(runner.run([json_item(image, question=q, answers=others)])[0])
     assert out["answer"] == ANSWERS[pred] and out["question"] == q
     assert out["answers"][0]["answer"] == ANSWERS[pred]
-    ids = [pred, ANSWERS.index("blue"), ANSWERS.index("no")]
+    ids = [pred, *(ANSWERS.index(a) for a in others)]
     with torch.enable_grad():
         exp = Explainer(model, "cnn.1").explain(
             (x, qt), methods=("gradcam",), targets=lambda out: out[:, ids]
@@ -176,6 +177,18 @@ def test_vqa_batch_with_re_running_method_matches_single_items() -> None:
                 np.testing.assert_allclose(
                     decode_map(x1["maps"][m]), decode_map(x2["maps"][m]), atol=1e-5
                 )
+
+
+def test_a_named_answer_equal_to_the_models_is_explained_once() -> None:
+    runner, _ = vqa_runner()
+    out = body(runner.run([json_item(png(2), question="what colour is the circle")])[0])
+    again = body(
+        runner.run(
+            [json_item(png(2), question="what colour is the circle", answers=[out["answer"], "no"])]
+        )[0]
+    )
+    names = [e["answer"] for e in again["explanations"]]
+    assert names == [out["answer"]] + (["no"] if out["answer"] != "no" else [])
 
 
 def test_vqa_errors_are_per_item() -> None:
