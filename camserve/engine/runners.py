@@ -99,6 +99,25 @@ def _repeat(value: Any, i: int, b: int, n: int) -> Any:
     return value
 
 
+def _target_rows(head: nn.Linear, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The rows ``ids`` of ``head``'s weight and bias, zero-padded to a multiple of 8 rows.
+
+    CPU matrix products with an output width that is not a multiple of the
+    vector width (5 targets) took a slow path in torch 2.14 (0.6 ms instead of
+    0.05 ms for 32 x 2048 x 5); the zero rows cost nothing and are sliced off.
+    """
+    ids = ids.to(head.weight.device)
+    k = int(ids.shape[0])
+    padded = -(-k // 8) * 8
+    weight = head.weight.new_zeros((padded, head.weight.shape[1]))
+    weight[:k] = head.weight[ids]
+    if head.bias is None:
+        return weight, None
+    bias = head.bias.new_zeros(padded)
+    bias[:k] = head.bias[ids]
+    return weight, bias
+
+
 @dataclass
 class Runner:
     """Builds the re-run callables of one call (see the module docstring).
@@ -158,15 +177,17 @@ class Runner:
             and target.fn is None
             and target.score == "logit"
         ):
+            rows: dict[int, tuple[Tensor, Tensor | None]] = {}
 
             def head_tail(i: int, acts: Tensor) -> Tensor:
                 b = acts.shape[0]
                 values = [_repeat(v, i, b, self.n) for v in frontier]
                 with torch.no_grad():
                     feats = split.tail_features(layer, acts, values)
-                    ids = target.ids[i].to(head.weight.device)
-                    bias = None if head.bias is None else head.bias[ids]
-                    return finite(F.linear(feats, head.weight[ids], bias))
+                    if i not in rows:
+                        rows[i] = _target_rows(head, target.ids[i])
+                    weight, bias = rows[i]
+                    return finite(F.linear(feats, weight, bias)[:, : target.k])
 
             return head_tail
         if split is not None and frontier is not None and layer in split.cuts:
