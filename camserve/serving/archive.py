@@ -19,6 +19,7 @@ from camserve.serving.launcher import REPO_ROOT
 __all__ = [
     "ARCHIVE_INFO",
     "HANDLERS",
+    "HANDLER_BASE",
     "build_archives",
     "build_zoo",
     "write_examples",
@@ -28,6 +29,8 @@ __all__ = [
 ARCHIVE_INFO = "camserve.json"
 """Extra file of every archive: the zoo model it serves and its kind."""
 
+HANDLER_BASE = REPO_ROOT / "handlers" / "camserve_base.py"
+"""The handlers' shared class, shipped as an extra file of every archive."""
 HANDLERS = {
     "classifier": REPO_ROOT / "handlers" / "classifier_handler.py",
     "captioner": REPO_ROOT / "handlers" / "caption_handler.py",
@@ -67,7 +70,7 @@ def build_archives(store: Path, names: list[str] | None = None) -> list[Path]:
     for name, info in models.items():
         if names is not None and name not in names:
             continue
-        extra = [str(p) for p in info["files"]]
+        extra = [str(p) for p in info["files"]] + [str(HANDLER_BASE)]
         with tempfile.TemporaryDirectory() as tmp:
             # The archive must hold the manifest under its own name beside the state dict.
             manifest = Path(tmp) / "manifest.json"

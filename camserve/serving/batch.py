@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from camserve.engine import Explanation, list_methods
+from camserve.engine.maps import localization_box
 from camserve.errors import CamserveError, InvalidRequestError, UnknownNameError
-from camserve.serving.boxes import localization_box
 from camserve.serving.images import DecodedImage, ImageLimits, InputTransform, decode_image
 from camserve.serving.metrics import MetricsSink, NullMetrics, record_batch
 from camserve.serving.request import ExplainRequest, parse_request

@@ -105,7 +105,7 @@ def start(tmp: Path, **kwargs: Any) -> TorchServe:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     """Every archive, token auth on, batching with a delay long enough to batch concurrent calls."""
     store_models()
-    ts = start(tmp_path_factory.mktemp("ts"), batch_size=8, max_batch_delay_ms=100)
+    ts = start(tmp_path_factory.mktemp("ts"), batch_size=8, max_batch_delay_ms=250)
     try:
         yield ts
     finally:

@@ -19,7 +19,8 @@ from .conftest import Reply, model_of, post, scene_png, start
 
 pytestmark = pytest.mark.slow
 
-SLOW = "?methods=scorecam,ablationcam,occlusion,integrated_gradients,gradient_shap&top_k=5"
+SLOW = "?methods=scorecam,ablationcam,occlusion,integrated_gradients,gradient_shap&top_k=12"
+RECEIVED = "Backend received inference"
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,15 @@ def test_kill_worker_mid_request(lone_server: TorchServe, tmp_path: Path) -> Non
     assert pid is not None
     result: list[Reply] = []
     started = time.monotonic()
+    log = lone_server.run_dir / "logs" / "model_log.log"
+    seen = log.read_text().count(RECEIVED)
     t = threading.Thread(target=lambda: result.append(post(lone_server, name, image, SLOW, png)))
     t.start()
-    time.sleep(0.5)  # the slow request is now inside the worker
+    deadline = time.monotonic() + 30
+    while log.read_text().count(RECEIVED) == seen:  # wait until the worker has it
+        assert time.monotonic() < deadline, "the slow request never reached the worker"
+        time.sleep(0.02)
+    time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     t.join(timeout=120)
     assert result, "the killed request never returned"

@@ -6,6 +6,7 @@ import base64
 import importlib.util
 import json
 import logging
+import sys
 import warnings
 from types import ModuleType
 from typing import Any
@@ -25,6 +26,7 @@ with warnings.catch_warnings():  # TorchServe leaves ts/version.txt open at impo
     from ts.utils.util import list_classes_from_module
 
 STORE = REPO_ROOT / "model_store"
+HANDLER_DIR = REPO_ROOT / "handlers"
 HANDLERS = {
     "classifier": "classifier_handler.py",
     "captioner": "caption_handler.py",
@@ -33,7 +35,9 @@ HANDLERS = {
 
 
 def handler_module(kind: str) -> ModuleType:
-    path = REPO_ROOT / "handlers" / HANDLERS[kind]
+    if str(HANDLER_DIR) not in sys.path:  # as in a worker: the archive's files are importable
+        sys.path.insert(0, str(HANDLER_DIR))
+    path = HANDLER_DIR / HANDLERS[kind]
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

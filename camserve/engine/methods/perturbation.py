@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camserve.engine._numerics import finite
+from camserve.engine.methods._checks import check_4d, positive_int, work_dtype
 from camserve.errors import InvalidRequestError, UnknownNameError
 
 __all__ = ["ABLATION_FORMS", "ablation_cam", "occlusion", "occlusion_grid", "score_cam"]
@@ -75,13 +77,13 @@ def ablation_cam(
     Returns:
         ``(N, K, h, w)`` maps (float32, or float64 for float64 activations).
     """
-    _check_4d("activations", activations)
+    check_4d("activations", activations)
     n, c, h, w = activations.shape
     k = _check_scores("scores", scores, n)
     if form not in ABLATION_FORMS:
         raise UnknownNameError("form", form, ABLATION_FORMS)
-    bs = _positive_int("batch_size", batch_size)
-    dtype = _work_dtype(activations)
+    bs = positive_int("batch_size", batch_size)
+    dtype = work_dtype(activations)
     with torch.no_grad():
         acts = activations.detach()
         s = scores.detach().to(device=acts.device, dtype=dtype)
@@ -112,7 +114,7 @@ def ablation_cam(
                 den = a.sum(dim=(1, 2)).unsqueeze(1).expand(c, k)
             weights = _safe_div(drop, den)
             out[i] = torch.relu(torch.einsum("ck,chw->khw", weights, a))
-    return _finite(out)
+    return finite(out)
 
 
 def score_cam(
@@ -148,16 +150,16 @@ def score_cam(
     Returns:
         ``(N, K, h, w)`` maps.
     """
-    _check_4d("images", images)
-    _check_4d("activations", activations)
+    check_4d("images", images)
+    check_4d("activations", activations)
     n, _, height, width = images.shape
     if activations.shape[0] != n:
         raise InvalidRequestError(
             f"activations batch {activations.shape[0]} does not match images batch {n}"
         )
     _, c, h, w = activations.shape
-    bs = _positive_int("batch_size", batch_size)
-    dtype = _work_dtype(activations)
+    bs = positive_int("batch_size", batch_size)
+    dtype = work_dtype(activations)
     with torch.no_grad():
         acts = activations.detach()
         imgs = images.detach()
@@ -180,12 +182,12 @@ def score_cam(
                 got = _check_output("score", score(i, masked), masked.shape[0], k)
                 k = got.shape[1]
                 chunks.append(got.to(device=acts.device, dtype=dtype))
-            weights = torch.softmax(_finite(torch.cat(chunks)), dim=0)  # (C, K)
+            weights = torch.softmax(finite(torch.cat(chunks)), dim=0)  # (C, K)
             if out is None:
                 out = torch.zeros((n, k, h, w), dtype=dtype, device=acts.device)
             out[i] = torch.relu(torch.einsum("ck,chw->khw", weights, a))
     assert out is not None  # n >= 1 is checked by _check_4d
-    return _finite(out)
+    return finite(out)
 
 
 def occlusion_grid(size: int, mask: int, stride: int) -> list[tuple[int, int]]:
@@ -238,16 +240,16 @@ def occlusion(
     Returns:
         ``(N, K, H, W)`` maps of mean score change.
     """
-    _check_4d("images", images)
+    check_4d("images", images)
     n, _, height, width = images.shape
     k = _check_scores("base_scores", base_scores, n)
-    m = _positive_int("mask", mask)
-    st = _positive_int("stride", stride)
-    bs = _positive_int("batch_size", batch_size)
+    m = positive_int("mask", mask)
+    st = positive_int("stride", stride)
+    bs = positive_int("batch_size", batch_size)
     fill_value = float(fill)
     if fill_value != fill_value or abs(fill_value) == float("inf"):
         raise InvalidRequestError(f"fill must be a finite number, got {fill!r}")
-    dtype = _work_dtype(images)
+    dtype = work_dtype(images)
     device = images.device
     rows = _coverage(occlusion_grid(height, m, st), height, dtype, device)  # (Py, H)
     cols = _coverage(occlusion_grid(width, m, st), width, dtype, device)  # (Px, W)
@@ -272,7 +274,7 @@ def occlusion(
             grid = deltas.reshape(py, px, k).permute(2, 0, 1)  # (K, Py, Px)
             total = rows.t().unsqueeze(0) @ grid @ cols.unsqueeze(0)  # (K, H, W)
             out[i] = _safe_div(total, count.unsqueeze(0).expand_as(total))
-    return _finite(out)
+    return finite(out)
 
 
 # ---------------------------------------------------------------- helpers
@@ -287,38 +289,10 @@ def _coverage(
     return cover
 
 
-def _work_dtype(t: Tensor) -> torch.dtype:
-    """float32 for half/bfloat16/float32 tensors, float64 for float64 ones."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``|den| >= 1e-7`` (and finite), else 0."""
     ok = (den.abs() >= _EPS) & torch.isfinite(den)
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def _finite(t: Tensor) -> Tensor:
-    """Replace NaN by 0 and +-inf by the dtype's largest finite values."""
-    info = torch.finfo(t.dtype)
-    return torch.nan_to_num(t, nan=0.0, posinf=info.max, neginf=info.min)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_4d(name: str, t: object) -> None:
-    if not isinstance(t, Tensor):
-        raise InvalidRequestError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != 4 or t.shape[0] == 0:
-        raise InvalidRequestError(
-            f"{name} must have shape (N, C, H, W) with N >= 1, got {tuple(t.shape)}"
-        )
-    if not t.is_floating_point():
-        raise InvalidRequestError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _check_scores(name: str, t: object, n: int) -> int:

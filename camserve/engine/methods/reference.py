@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from camserve.engine._numerics import finite
+from camserve.engine.methods._checks import check_4d, positive_int, work_dtype
 from camserve.errors import InvalidRequestError, UnknownNameError
 
 __all__ = [
@@ -45,7 +47,7 @@ def path_points(steps: int, rule: str = "trapezoid") -> tuple[list[float], list[
     ``1/steps`` each); the trapezoid rule evaluates ``steps + 1`` points
     ``j/steps`` with weights ``1/steps`` (halved at both ends).
     """
-    m = _positive_int("steps", steps)
+    m = positive_int("steps", steps)
     if rule == "trapezoid":
         alphas = [j / m for j in range(m + 1)]
         weights = [1.0 / m] * (m + 1)
@@ -147,17 +149,17 @@ def gradient_shap(
     Returns:
         ``(N, K, H, W)`` attributions.
     """
-    _check_images(images)
+    check_4d("images", images)
     n, ch, height, width = images.shape
     refs = _baselines(baselines, images)
-    count = _positive_int("samples", samples)
-    bs = _positive_int("batch_size", batch_size)
+    count = positive_int("samples", samples)
+    bs = positive_int("batch_size", batch_size)
     noise_std = float(stdev)
     if not noise_std >= 0 or noise_std == float("inf"):
         raise InvalidRequestError(f"stdev must be a finite number >= 0, got {stdev!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
-    dtype = _work_dtype(images)
+    dtype = work_dtype(images)
     device = images.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -183,7 +185,7 @@ def gradient_shap(
             out = torch.zeros((n, k, height, width), dtype=dtype, device=device)
         out[i] = total / count
     assert out is not None
-    return _finite(out)
+    return finite(out)
 
 
 # ---------------------------------------------------------------- helpers
@@ -198,16 +200,16 @@ def _integrate(
     batch_size: int,
     want_delta: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    _check_images(images)
+    check_4d("images", images)
     n, ch, height, width = images.shape
     alphas, weights = path_points(steps, rule)
-    bs = _positive_int("batch_size", batch_size)
+    bs = positive_int("batch_size", batch_size)
     refs = _baselines(baseline, images)
     if refs.shape[0] not in (1, n):
         raise InvalidRequestError(
             f"baseline must hold 1 or {n} images, got shape {tuple(refs.shape)}"
         )
-    dtype = _work_dtype(images)
+    dtype = work_dtype(images)
     device = images.device
     a_all = torch.tensor(alphas, dtype=dtype, device=device)
     w_all = torch.tensor(weights, dtype=dtype, device=device)
@@ -242,7 +244,7 @@ def _integrate(
                 ends = _call(input_grad, i, pair, k, (ch, height, width))[0].to(dtype)
             delta[i] = out[i].sum(dim=(1, 2)) - (ends[1] - ends[0])
     assert out is not None
-    return _finite(out), None if delta is None else _finite(delta)
+    return finite(out), None if delta is None else finite(delta)
 
 
 def _call(
@@ -279,7 +281,7 @@ def _call(
 
 def _baselines(refs: Tensor | None, images: Tensor) -> Tensor:
     """Baselines as ``(M, 3, H, W)`` in the work dtype on the images' device."""
-    dtype = _work_dtype(images)
+    dtype = work_dtype(images)
     if refs is None:
         return torch.zeros((1, *images.shape[1:]), dtype=dtype, device=images.device)
     if not isinstance(refs, Tensor) or not refs.is_floating_point():
@@ -292,29 +294,3 @@ def _baselines(refs: Tensor | None, images: Tensor) -> Tensor:
             f"baseline shape {given} does not match images {tuple(images.shape)}"
         )
     return refs.detach().to(device=images.device, dtype=dtype)
-
-
-def _check_images(t: object) -> None:
-    if not isinstance(t, Tensor):
-        raise InvalidRequestError(f"images must be a tensor, got {type(t).__name__}")
-    if t.dim() != 4 or t.shape[0] == 0:
-        raise InvalidRequestError(
-            f"images must have shape (N, C, H, W) with N >= 1, got {tuple(t.shape)}"
-        )
-    if not t.is_floating_point():
-        raise InvalidRequestError(f"images must be a floating-point tensor, got {t.dtype}")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _finite(t: Tensor) -> Tensor:
-    info = torch.finfo(t.dtype)
-    return torch.nan_to_num(t, nan=0.0, posinf=info.max, neginf=info.min)
