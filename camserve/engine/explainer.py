@@ -74,6 +74,12 @@ class Explainer:
             ``nn.Module.__call__`` while it runs, so it happens here, once, not
             during calls. When it fails, Ablation-CAM re-runs the whole model
             with the layer's output replaced (same result, more work).
+        restrict_head: when the traced part after the layer ends in an
+            ``nn.Linear`` giving the model output and the targets are class
+            logits, Ablation-CAM evaluates that Linear only on the K target
+            rows instead of every class (same maps; on a ResNet-50 after
+            ``layer4`` it saves as much work as a whole forward per image).
+            False computes every class (for comparison).
 
     Raises:
         UnknownNameError: a layer that is not a module of the model.
@@ -89,6 +95,7 @@ class Explainer:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         trace: bool = True,
+        restrict_head: bool = True,
     ) -> None:
         names = [layer] if isinstance(layer, str) else list(layer)
         if not names:
@@ -116,6 +123,7 @@ class Explainer:
         self.model = model
         self.layers: tuple[str, ...] = tuple(names)
         self.batch_size = batch_size
+        self.restrict_head = restrict_head
         self._dtype = params[0].dtype if params else None
         self._split: SplitModel | None = None
         self.trace_note = "tracing disabled"
@@ -190,6 +198,9 @@ class Explainer:
                 probability's gradient (002 eq. 4).
             options: method id -> keyword options (``{"gradcampp":
                 {"normalize_alpha": True}}``, ``{"occlusion": {"mask": 35}}``).
+                ``{"gradcampp": {"stats": True}}`` fills ``stats["gradcampp"]``
+                (and ``stats["gradcampp@<layer>"]``) with the alpha statistics
+                of 002 Fig. 3-4; they are not computed otherwise.
 
         Raises:
             UnknownNameError: unknown method, option, score kind or class id.
@@ -290,7 +301,14 @@ class Explainer:
         del scores, logit_scores, fn_scores, grad_layers
         acts = {name: a.detach() for name, a in acts.items()}
 
-        runner = Runner(self.model, xs, target, self._split if use_fx else None, frontier)
+        runner = Runner(
+            self.model,
+            xs,
+            target,
+            self._split if use_fx else None,
+            frontier,
+            restrict_head=self.restrict_head,
+        )
         maps: dict[str, dict[str, Tensor]] = {name: {} for name in self.layers}
         stats: dict[str, dict[str, float]] = {}
         for li, name in enumerate(self.layers):
@@ -356,9 +374,10 @@ class Explainer:
             out, st = gradcampp(
                 acts, grads["normal"][layer], logit_grads.get(layer), **opts.get(method, {})
             )
-            stats[f"gradcampp@{layer}"] = st
-            if first:
-                stats["gradcampp"] = st
+            if st:  # only with options={"gradcampp": {"stats": True}}
+                stats[f"gradcampp@{layer}"] = st
+                if first:
+                    stats["gradcampp"] = st
             return finite(out)
         if method == "cam":
             return finite(cam(acts, self._cam_weights(layer, acts, target, output)))

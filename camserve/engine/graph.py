@@ -37,6 +37,10 @@ class _Tracer(fx.Tracer):
 class _Cut:
     frontier: tuple[int, ...]
     tail: fx.GraphModule
+    # When the tail ends in an ``nn.Linear`` whose output is the model output:
+    # the tail up to that Linear's input, and the Linear itself.
+    features: fx.GraphModule | None = None
+    head: nn.Linear | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,20 @@ class SplitModel:
         """Run the part of the network after ``layer`` on ``act``."""
         cut = self.cuts[layer]
         return cut.tail(act, *(frontier[j] for j in cut.frontier))
+
+    def head(self, layer: str) -> nn.Linear | None:
+        """The final ``nn.Linear`` of the tail after ``layer`` (its output is the model output)."""
+        return self.cuts[layer].head
+
+    def tail_features(self, layer: str, act: Tensor, frontier: Sequence[Any]) -> Tensor:
+        """Run the tail after ``layer`` up to the input of its final Linear (see :meth:`head`)."""
+        cut = self.cuts[layer]
+        if cut.features is None:
+            raise ValueError(f"the tail after {layer!r} does not end in an nn.Linear")
+        out = cut.features(act, *(frontier[j] for j in cut.frontier))
+        if not isinstance(out, Tensor):  # pragma: no cover - the graph returns one node
+            raise TypeError(f"the tail's features are a {type(out).__name__}, not a Tensor")
+        return out
 
 
 def _descendants(nodes: list[fx.Node], start: fx.Node) -> set[fx.Node]:
@@ -85,6 +103,35 @@ def _tail_graph(
         if node in desc or (node.op == "get_attr" and node in needed):
             env[node] = g.node_copy(node, lambda n: env[n])
     return g
+
+
+def _split_head(root: nn.Module, g: fx.Graph) -> tuple[fx.GraphModule | None, nn.Linear | None]:
+    """Cut the final ``nn.Linear`` off a tail graph whose output is that Linear's output.
+
+    Returns the graph up to the Linear's input and the Linear, or ``(None, None)``
+    when the output is anything else (a tuple, a functional call, a Linear with
+    other users or extra arguments).
+    """
+    out = next(n for n in g.nodes if n.op == "output")
+    last = out.args[0]
+    if not (
+        isinstance(last, fx.Node)
+        and last.op == "call_module"
+        and isinstance(last.target, str)
+        and len(last.args) == 1
+        and not last.kwargs
+        and isinstance(last.args[0], fx.Node)
+        and len(last.users) == 1
+    ):
+        return None, None
+    module = root.get_submodule(last.target)
+    if type(module) is not nn.Linear:  # a subclass may change forward
+        return None, None
+    feat = last.args[0]
+    g.erase_node(out)
+    g.erase_node(last)
+    g.output(feat)
+    return fx.GraphModule(root, g), module
 
 
 def trace_split(model: nn.Module, layers: Sequence[str]) -> tuple[SplitModel | None, str]:
@@ -138,7 +185,8 @@ def trace_split(model: nn.Module, layers: Sequence[str]) -> tuple[SplitModel | N
     cuts: dict[str, _Cut] = {}
     for name, (start, desc, frontier) in plans.items():
         tail = fx.GraphModule(root, _tail_graph(nodes, start, desc, frontier))
-        cuts[name] = _Cut(tuple(frontier_all.index(n) for n in frontier), tail)
+        features, head = _split_head(root, _tail_graph(nodes, start, desc, frontier))
+        cuts[name] = _Cut(tuple(frontier_all.index(n) for n in frontier), tail, features, head)
     return SplitModel(fx.GraphModule(root, rec), cuts, reasons), ""
 
 

@@ -81,7 +81,10 @@ def test_gradcampp_normalize_alpha_and_stats() -> None:
     x = images(1)
     ex = Explainer(model, "features.3")
     res = ex.explain(
-        x, methods=["gradcampp"], targets=1, options={"gradcampp": {"normalize_alpha": True}}
+        x,
+        methods=["gradcampp"],
+        targets=1,
+        options={"gradcampp": {"normalize_alpha": True, "stats": True}},
     )
     c = int(res.target_ids[0, 0])
     a, g, _ = ref_grad(model, "features.3", x, lambda o: o[0, c])
@@ -103,6 +106,12 @@ def test_gradcampp_normalize_alpha_and_stats() -> None:
     assert abs(st["alpha_max"] - float(flat.max())) < 1e-6
     assert abs(st["alpha_mean"] - float(flat.mean())) < 1e-6
     assert res.stats["gradcampp@features.3"] == st
+    # The statistics are computed only when asked for; the maps do not change.
+    plain = ex.explain(
+        x, methods=["gradcampp"], targets=1, options={"gradcampp": {"normalize_alpha": True}}
+    )
+    assert plain.stats == {}
+    assert torch.equal(plain.map("gradcampp"), res.map("gradcampp"))
 
 
 def test_cam_is_the_head_weights_times_activations() -> None:

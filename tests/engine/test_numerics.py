@@ -49,7 +49,10 @@ def _all_finite(res: Explanation) -> None:
 def test_adversarial_inputs(make, layer, fill: float) -> None:
     x = torch.full((2, 3, 16, 16), fill)
     x[1, :, ::2] = -fill
-    res = Explainer(make(), layer).explain(x, methods=LAYER_GRADIENT, targets=2)
+    res = Explainer(make(), layer).explain(
+        x, methods=LAYER_GRADIENT, targets=2, options={"gradcampp": {"stats": True}}
+    )
+    assert set(res.stats["gradcampp"]) >= {"alpha_count", "alpha_min", "alpha_max"}
     _all_finite(res)
 
 
@@ -103,12 +106,12 @@ def test_pure_methods_on_adversarial_tensors(fn) -> None:
 @pytest.mark.parametrize("normalize_alpha", [False, True])
 def test_gradcampp_zero_denominator_and_nan_inputs(normalize_alpha: bool) -> None:
     acts, grads = _adversarial()
-    out, stats = gradient.gradcampp(acts, grads, normalize_alpha=normalize_alpha)
+    out, stats = gradient.gradcampp(acts, grads, normalize_alpha=normalize_alpha, stats=True)
     assert bool(torch.isfinite(out).all())
     assert all(v == v and abs(v) != float("inf") for v in stats.values())
     acts[0, 0, 0, 0] = float("nan")
     grads[0, 0, 1, 0, 0] = float("inf")
-    out, stats = gradient.gradcampp(acts, grads, normalize_alpha=normalize_alpha)
+    out, stats = gradient.gradcampp(acts, grads, normalize_alpha=normalize_alpha, stats=True)
     assert bool(torch.isfinite(out).all())
 
 
@@ -116,7 +119,7 @@ def test_gradcampp_near_zero_denominator_gives_large_but_finite_alpha() -> None:
     """002 sec. 3.4: alphas explode where sum_ab A g is near -2; they must stay finite."""
     acts = torch.ones(1, 1, 2, 2)  # sum A = 4
     grads = torch.full((1, 1, 1, 2, 2), -0.5 + 1e-9)  # 2 + 4 g ~ 4e-9
-    out, stats = gradient.gradcampp(acts, grads)
+    out, stats = gradient.gradcampp(acts, grads, stats=True)
     assert bool(torch.isfinite(out).all())
     assert abs(stats["alpha_max"]) > 1e6 or abs(stats["alpha_min"]) > 1e6
 

@@ -89,7 +89,7 @@ INPUT_METHODS: tuple[str, ...] = (
 
 # method id -> option name -> (accepted types, allowed values or None)
 _OPTIONS: dict[str, dict[str, tuple[tuple[type, ...], tuple[object, ...] | None]]] = {
-    "gradcampp": {"normalize_alpha": ((bool,), None)},
+    "gradcampp": {"normalize_alpha": ((bool,), None), "stats": ((bool,), None)},
     "ablationcam": {"form": ((str,), ("score", "sum")), "batch_size": ((int,), None)},
     "scorecam": {"batch_size": ((int,), None)},
     "occlusion": {

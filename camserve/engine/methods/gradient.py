@@ -136,6 +136,7 @@ def gradcampp(
     logit_grads: Tensor | None = None,
     *,
     normalize_alpha: bool = False,
+    stats: bool = False,
     eps: float = 1e-7,
 ) -> tuple[Tensor, dict[str, float]]:
     """Grad-CAM++ as implemented (002 eq. 4 and 9) with a safe denominator.
@@ -156,12 +157,15 @@ def gradcampp(
         normalize_alpha: divide the alphas of each channel by their sum over
             the positions with a positive gradient, as the official code does
             (a zero sum is left alone).
+        stats: also compute the alpha statistics 002 plots (Fig. 3-4). They
+            cost more than the maps (a strided sample, a sort, masked
+            reductions over every alpha), so they are off unless asked for.
         eps: smallest magnitude of the denominator.
 
     Returns:
-        The maps ``(N, K, h, w)`` and the alpha statistics 002 plots
-        (count, min, max, mean, quartiles, outlier share, share near 1/2,
-        ``sum_ab A g``).
+        The maps ``(N, K, h, w)`` and, when ``stats`` is true, the alpha
+        statistics (count, min, max, mean, quartiles, outlier share, share
+        near 1/2, ``sum_ab A g``); an empty dict otherwise.
     """
     g_y = work(grads)
     g = g_y if logit_grads is None else work(logit_grads)
@@ -169,12 +173,20 @@ def gradcampp(
     term = finite(a_sum * g)
     den = term + 2.0
     den = torch.copysign(den.abs().clamp_(min=eps), den)  # |den| >= eps, sign kept (+0 -> +eps)
-    nonzero = g != 0
-    alpha = den.reciprocal_().mul_(nonzero)  # finite: |1/den| <= 1/eps; 0 where g = 0
-    stats = _alpha_stats(alpha, term, nonzero)
+    alpha = den.reciprocal_()  # finite: |1/den| <= 1/eps
+    st: dict[str, float] = {}
+    if stats or logit_grads is not None:
+        # alpha = 0 where g = 0. Without separate logit gradients ReLU(g) is 0
+        # there anyway, so the weights need no mask (the sums are identical).
+        nonzero = g != 0
+        alpha.mul_(nonzero)
+        if stats:
+            st = _alpha_stats(alpha, term, nonzero)
+        del nonzero
+    del term
     pos = g_y.clamp(min=0)
     if normalize_alpha:
         const = torch.where(pos > 0, alpha, torch.zeros_like(alpha)).sum(dim=(-2, -1), keepdim=True)
         alpha = finite(alpha / torch.where(const != 0, const, torch.ones_like(const)))
-    weights = finite((alpha * pos).sum(dim=(-2, -1)))
-    return combine(acts, weights), stats
+    weights = finite(alpha.mul_(pos).sum(dim=(-2, -1)))
+    return combine(acts, weights), st
