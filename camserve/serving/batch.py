@@ -25,7 +25,7 @@ from camserve.errors import CamserveError, InvalidRequestError, UnknownNameError
 from camserve.serving.images import DecodedImage, ImageLimits, InputTransform, decode_image
 from camserve.serving.metrics import MetricsSink, NullMetrics, record_batch
 from camserve.serving.request import ExplainRequest, parse_request
-from camserve.serving.response import dumps, encode_error, encode_map, scale_box
+from camserve.serving.response import dumps, encode_error, encode_map, scale_box, spliced
 
 __all__ = [
     "EXPENSIVE_METHODS",
@@ -132,6 +132,10 @@ def _map_of(exp: Explanation, method: str, layer: str) -> tuple[str, torch.Tenso
     raise InvalidRequestError(f"the engine returned no {method!r} map at layer {layer!r}")
 
 
+def _host(maps: torch.Tensor) -> torch.Tensor:
+    return maps.detach().to("cpu", torch.float32).contiguous()
+
+
 class BatchRunner:
     """Answers a batch of raw requests for one model.
 
@@ -164,7 +168,7 @@ class BatchRunner:
         layer = request.layer or self.task.default_layer
         self.task.explainer(layer)  # unknown layer -> UnknownNameError for this item only
         resized = self.task.transform.resized(image)
-        x = self.task.transform(image)
+        x = self.task.transform.normalize(resized)  # resized once, not twice
         item = Item(request=request, image=image, x=x, resized=resized, layer=layer)
         self.task.prepare(item)
         return item
@@ -200,6 +204,9 @@ class BatchRunner:
             key, raws[m] = _map_of(exp, m, layer)
             upsampled[m] = exp.upsampled(m, key)
         t0 = time.perf_counter()
+        # One host copy per method for the whole batch, not one per item and target.
+        upsampled = {m: _host(t) for m, t in upsampled.items()}
+        raws = {m: _host(t) for m, t in raws.items()}
         payloads: list[dict[str, Any]] = []
         for row, it in enumerate(items):
             head, targets = self.task.describe(exp, row, it)
@@ -212,8 +219,10 @@ class BatchRunner:
                     box = scale_box(
                         localization_box(norm, it.request.threshold), in_size, it.image.size
                     )
-                    maps[m] = encode_map(
-                        it.request.output, raws[m][row, target.column], norm, box, it.resized
+                    maps[m] = spliced(
+                        encode_map(
+                            it.request.output, raws[m][row, target.column], norm, box, it.resized
+                        )
                     )
                 explanations.append({**target.meta, "maps": maps})
             payloads.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -133,10 +134,19 @@ class InputTransform:
         pil = Image.fromarray(image.pixels)
         return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
-    def __call__(self, image: DecodedImage) -> torch.Tensor:
-        """The model input for one image: float32 (3, H, W)."""
-        arr = self.resized(image).astype(np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    @cached_property
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return mean, std
+
+    def normalize(self, resized: np.ndarray) -> torch.Tensor:
+        """The model input from an image already resized by :meth:`resized`: float32 (3, H, W)."""
+        arr = resized.astype(np.float32) / 255.0
+        x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        mean, std = self._mean_std
         return (x - mean) / std
+
+    def __call__(self, image: DecodedImage) -> torch.Tensor:
+        """The model input for one image: float32 (3, H, W)."""
+        return self.normalize(self.resized(image))

@@ -56,11 +56,12 @@ def top_predictions(
     """The k most probable classes of one row: id, label, probability (and logit)."""
     k = min(k, probabilities.shape[-1])
     probs, ids = torch.topk(probabilities.detach().float(), k)
+    row = None if logits is None else logits.detach().tolist()  # one copy, not k
     out = []
     for p, c in zip(probs.tolist(), ids.tolist(), strict=True):
         entry: dict[str, Any] = {"id": c, "label": labels[c], "probability": round(p, 6)}
-        if logits is not None:
-            entry["logit"] = round(float(logits[c]), 6)
+        if row is not None:
+            entry["logit"] = round(row[c], 6)
         out.append(entry)
     return out
 
@@ -152,17 +153,10 @@ class ClassifierTask:
                 max(self.n_predictions, n_targets),
             )
         }
-        targets = []
-        for col in range(n_targets):
-            c = int(exp.target_ids[row, col])
-            targets.append(
-                Target(
-                    col,
-                    {
-                        "id": c,
-                        "label": self.labels[c],
-                        "score": round(float(exp.target_scores[row, col]), 6),
-                    },
-                )
-            )
+        ids = exp.target_ids[row, :n_targets].tolist()
+        scores = exp.target_scores[row, :n_targets].detach().tolist()
+        targets = [
+            Target(col, {"id": c, "label": self.labels[c], "score": round(s, 6)})
+            for col, (c, s) in enumerate(zip(ids, scores, strict=True))
+        ]
         return head, targets

@@ -205,3 +205,15 @@ def test_an_unexpected_failure_answers_500_for_that_item_only(
     assert [r.status for r in results] == [200, 500]
     assert body(results[1])["error"]["type"] == "InternalError"
     assert "admitting request 1 of 2 failed" in caplog.text
+
+
+def test_bodies_are_plain_compact_json(gap_model: nn.Module) -> None:
+    runner = make_runner(gap_model)
+    items = [
+        json_item(png(3), methods=["gradcam", "gradcampp"], top_k=2),
+        json_item(png(4), methods=["gradcam"], output="raw"),
+        json_item(png(5), methods=["gradcam"], output="png"),
+    ]
+    for res in runner.run(items):
+        assert res.status == 200, res.body
+        assert res.body == json.dumps(json.loads(res.body), separators=(",", ":"))

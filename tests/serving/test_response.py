@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from camserve.errors import ImageTooLargeError, UnknownNameError
+from camserve.serving import response
 from camserve.serving.response import (
     decode_map,
     dumps,
@@ -19,6 +20,7 @@ from camserve.serving.response import (
     encode_map,
     overlay_png,
     scale_box,
+    spliced,
 )
 
 
@@ -77,3 +79,24 @@ def test_dumps_is_compact_and_refuses_nan() -> None:
     assert dumps({"a": [1, 2]}) == '{"a":[1,2]}'
     with pytest.raises(ValueError):
         dumps({"a": float("nan")})
+
+
+def test_spliced_maps_give_the_same_json_as_plain_strings() -> None:
+    raw, norm = torch.rand(3, 4), torch.rand(6, 8)
+    entries = [
+        encode_map("normalized", raw, norm, [0, 1, 2, 3]),
+        encode_map("raw", raw, norm, [1, 1, 1, 1]),
+    ]
+    plain = {"a": [dict(e) for e in entries], "q": 'x"y\\', "n": 0.5}
+    marked = {"a": [spliced(dict(e)) for e in entries], "q": 'x"y\\', "n": 0.5}
+    assert not isinstance(marked["a"][0]["data"], str)
+    expected = json.dumps(plain, separators=(",", ":"), allow_nan=False)
+    assert dumps(marked) == expected == dumps(plain)
+    # The marker inside the payload's own text falls back to plain encoding.
+    marked["q"] = plain["q"] = response._NONCE
+    assert dumps(marked) == json.dumps(plain, separators=(",", ":"), allow_nan=False)
+    assert spliced({"box": [0, 0, 1, 1]}) == {"box": [0, 0, 1, 1]}
+    with pytest.raises(TypeError):
+        dumps({"x": object()})
+    with pytest.raises(ValueError):
+        dumps({"x": float("nan"), "m": spliced(dict(entries[0]))})
