@@ -8,6 +8,7 @@ Methods are pure functions (see :mod:`.gradient`, :mod:`.activation`,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
@@ -20,12 +21,16 @@ __all__ = [
     "GRADIENT_METHODS",
     "INPUT_METHODS",
     "LAYER_METHODS",
+    "METHOD_SPECS",
     "RERUN_METHODS",
+    "CostClass",
     "GradKind",
+    "MethodSpec",
     "activation",
     "check_options",
     "gradient",
     "list_methods",
+    "method_spec",
     "perturbation",
     "reference",
     "rerun_function",
@@ -165,3 +170,77 @@ def check_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, 
 def rerun_function(method: str) -> Callable[..., Tensor]:
     """The pure implementation of a re-running method (Ablation-CAM, Score-CAM, ...)."""
     return RERUN_METHODS[method]
+
+
+CostClass = Literal["single_pass", "rerun"]
+"""``single_pass``: a pure function of the shared forward/backward (cheap);
+``rerun``: re-runs (part of) the network many times (Ablation-CAM, Score-CAM,
+occlusion, Integrated Gradients, Gradient SHAP, and their guided products)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one method id needs from the engine and what it costs.
+
+    Attributes:
+        id: the method id.
+        resolution: ``layer`` (maps ``(N, K, h, w)`` at a layer) or ``input``
+            (``(N, K, H, W)`` at the input, layer key ``"input"``).
+        gradients: the kinds of layer gradients it reads (``normal``, ``guided``,
+            ``deconv``); empty for methods that read none.
+        input_gradient: it needs the guided-backprop gradient at the input.
+        rerun: the method re-running the network, if any (itself, or the map
+            method of a ``guided_<m>`` product).
+        cost: its cost class; requests are grouped with cheap ones only when
+            every method is ``single_pass``.
+        options: option name -> (accepted types, allowed values or None).
+    """
+
+    id: str
+    resolution: Literal["layer", "input"]
+    gradients: frozenset[GradKind]
+    input_gradient: bool
+    rerun: str | None
+    cost: CostClass
+    options: Mapping[str, tuple[tuple[type, ...], tuple[object, ...] | None]]
+
+
+def _spec(method: str) -> MethodSpec:
+    base = method
+    guided = method.startswith("guided_") and method != "guided_backprop"
+    if guided:
+        base = method.removeprefix("guided_")
+    grads: set[GradKind] = set()
+    if base in GRADIENT_METHODS:
+        grads.add(GRADIENT_METHODS[base][1])
+    elif base == "gradcampp":
+        grads.add("normal")
+    rerun = base if base in RERUN_METHODS else None
+    options = dict(_OPTIONS.get(base, {}))
+    if guided or method == "guided_backprop":
+        options.update(_OPTIONS["guided_backprop"])
+    return MethodSpec(
+        id=method,
+        resolution="input" if method in INPUT_METHODS else "layer",
+        gradients=frozenset(grads),
+        input_gradient=guided or method == "guided_backprop",
+        rerun=rerun,
+        cost="rerun" if rerun is not None else "single_pass",
+        options=options,
+    )
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {m: _spec(m) for m in list_methods()}
+"""Every method id -> its :class:`MethodSpec`."""
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The :class:`MethodSpec` of ``method``.
+
+    Raises:
+        UnknownNameError: an unknown method id (the message lists the valid ones).
+    """
+    spec = METHOD_SPECS.get(method)
+    if spec is None:
+        raise UnknownNameError("method", method, METHOD_SPECS)
+    return spec
