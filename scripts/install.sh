@@ -20,7 +20,7 @@ stamp=".venv/.camserve-installed"
 want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-    .venv/bin/python -m pip install -q -e ".[serving,onnx,dev]"
+    .venv/bin/python -m pip install -q -e ".[serving,onnx,audit,examples,dev]"
     echo "$want" > "$stamp"
 fi
 echo "[install] environment ready in .venv"

@@ -1,0 +1,1 @@
+"""Audit mode: data sets, explanation-quality metrics (pure functions), a resumable runner, the HTML report, commands."""

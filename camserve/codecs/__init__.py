@@ -1,0 +1,1 @@
+"""Wire formats at the edge: the HTTP/JSON codec the TorchServe handlers use."""

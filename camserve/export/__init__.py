@@ -1,0 +1,1 @@
+"""ONNX export and the onnxruntime explainer, with their commands."""

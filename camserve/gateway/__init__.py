@@ -1,0 +1,1 @@
+"""camserve's own gRPC API: servicer, batcher (queue, deadlines, back-pressure), backends, server, commands."""

@@ -1,0 +1,1 @@
+"""TorchServe outside handlers/: config rendering, process control, management API, archiving, its protos, its metrics adapter, its commands."""
