@@ -1,1 +1,2 @@
-"""Audit mode: data sets, explanation-quality metrics (pure functions), a resumable runner, the HTML report, commands."""
+"""Audit mode: data sets, explanation-quality metrics (pure functions), a resumable
+runner, the HTML report and the commands."""

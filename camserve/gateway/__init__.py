@@ -1,1 +1,2 @@
-"""camserve's own gRPC API: servicer, batcher (queue, deadlines, back-pressure), backends, server, commands."""
+"""camserve's own gRPC API: servicer, batcher (queue, deadlines, back-pressure),
+backends, server and commands."""

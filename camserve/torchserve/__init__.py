@@ -1,1 +1,2 @@
-"""TorchServe outside handlers/: config rendering, process control, management API, archiving, its protos, its metrics adapter, its commands."""
+"""TorchServe outside handlers/: config rendering, process control, management API,
+archiving, its protos, its metrics adapter and its commands."""
