@@ -302,9 +302,7 @@ class ExplainService:
 
     def _run_model(self, m: _Model, requests: Sequence[ExplainRequest]) -> list[Outcome]:
         with m.lock, torch.inference_mode(False), torch.enable_grad():
-            return _Batch(m.task, self.limits, self.settings.max_batch_size).run(
-                requests, self.metrics
-            )
+            return _Batch(m.task, self.settings, self.limits).run(requests, self.metrics)
 
 
 def _internal(req: ExplainRequest) -> ExplainError:
@@ -316,10 +314,11 @@ def _internal(req: ExplainRequest) -> ExplainError:
 class _Batch:
     """One :meth:`ExplainService.run` for one model."""
 
-    def __init__(self, task: Task, limits: ImageLimits, max_batch: int) -> None:
+    def __init__(self, task: Task, settings: Settings, limits: ImageLimits) -> None:
         self.task = task
+        self.settings = settings
         self.limits = limits
-        self.max_batch = max_batch
+        self.max_batch = settings.max_batch_size
         self.results: dict[int, ExplainResult] = {}
         self.errors: dict[int, CamserveError] = {}
         self.finished: dict[int, float] = {}
@@ -330,6 +329,16 @@ class _Batch:
         task = self.task
         if req.deadline is not None and time.monotonic() > req.deadline:
             raise DeadlineExceededError("the request's deadline passed before it was computed")
+        limits = self.settings
+        if len(req.methods) > limits.max_methods:
+            raise InvalidRequestError(
+                f"at most {limits.max_methods} methods per request, got {len(req.methods)}"
+            )
+        n_targets = max(len(req.class_ids) + len(req.labels), len(req.answers), req.k)
+        if n_targets > limits.max_targets:
+            raise InvalidRequestError(
+                f"at most {limits.max_targets} targets per request, got {n_targets}"
+            )
         layer = req.layer or task.default_layer
         if not req.predict_only:
             task.explainer(layer)  # unknown layer -> UnknownNameError for this request only

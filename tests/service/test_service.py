@@ -264,3 +264,22 @@ def test_describe(gap_model: nn.Module) -> None:
     assert by_id["occlusion"].options["mask"] == ("int",)
     with pytest.raises(UnknownNameError, match="unknown model 'x'"):
         svc.describe("x")
+
+
+def test_the_services_own_limits_apply(gap_model: nn.Module) -> None:
+    strict = SETTINGS.model_copy(update={"max_methods": 1, "max_targets": 2})
+    svc = ExplainService({"tiny": tiny_task(gap_model)}, settings=strict)
+    many, wide, fine = svc.run(
+        [
+            request(png(1), methods=("gradcam", "layercam")),
+            request(png(1), top_k=3),
+            request(png(1), top_k=2),
+        ]
+    )
+    assert isinstance(many, ExplainError) and "at most 1 methods per request, got 2" in str(
+        many.error
+    )
+    assert isinstance(wide, ExplainError) and "at most 2 targets per request, got 3" in str(
+        wide.error
+    )
+    assert isinstance(fine, ExplainResult)
