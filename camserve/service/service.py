@@ -14,16 +14,17 @@ the culprit).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from camserve.engine import Explanation
 from camserve.engine.methods import method_spec
@@ -152,6 +153,45 @@ def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
 
 def _host(maps: torch.Tensor) -> np.ndarray:
     return maps.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _non_finite(output: object) -> bool:
+    if isinstance(output, torch.Tensor):
+        return output.is_floating_point() and not bool(torch.isfinite(output).all())
+    if isinstance(output, tuple | list):
+        return any(_non_finite(o) for o in output)
+    return False
+
+
+@contextlib.contextmanager
+def _watched(task: Task) -> Iterator[None]:
+    """Turns the model's own failures into :class:`ModelFailureError` naming the model.
+
+    The engine keeps NaN and inf out of its maps (they become zeros), so a model
+    whose output is not finite would otherwise answer blank maps: a forward hook
+    on the model's root module sees the raw output of every forward.
+    """
+    bad: list[bool] = []
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if not bad and _non_finite(output):
+            bad.append(True)
+
+    try:
+        handle = task.model.register_forward_hook(hook)
+    except (RuntimeError, AttributeError):  # a TorchScript module takes no Python hooks
+        handle = None
+    try:
+        yield
+    except CamserveError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ModelFailureError(f"{type(exc).__name__}: {exc}", model=task.name) from exc
+    finally:
+        if handle is not None:
+            handle.remove()
+    if bad:
+        raise ModelFailureError("the model's output is not finite (NaN or inf)", model=task.name)
 
 
 def _options_key(options: Mapping[str, Mapping[str, Any]]) -> Hashable:
@@ -388,8 +428,8 @@ class _Batch:
         methods: list[str] = []
         for it in items:
             methods += [m for m in it.request.methods if m not in methods]
-        call = task.call(items)
-        try:
+        with _watched(task):
+            call = task.call(items)
             exp = task.explainer(layer).explain(
                 call.inputs,
                 methods=tuple(methods),
@@ -397,10 +437,6 @@ class _Batch:
                 score=call.score,
                 options=items[0].request.options,
             )
-        except CamserveError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise ModelFailureError(f"{type(exc).__name__}: {exc}", model=task.name) from exc
         upsampled: dict[str, np.ndarray] = {}
         raws: dict[str, np.ndarray] = {}
         resolved: dict[str, str] = {}
@@ -446,17 +482,10 @@ class _Batch:
         return results, timings
 
     def _predict(self, items: Sequence[Item]) -> tuple[list[ExplainResult], dict[str, float]]:
-        try:
+        with _watched(self.task):
             heads, timings = self.task.predict(items)
-        except CamserveError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise ModelFailureError(f"{type(exc).__name__}: {exc}", model=self.task.name) from exc
         out = []
         for it, head in zip(items, heads, strict=True):
-            for p in head.get("predictions", ()):
-                if not math.isfinite(p.probability):
-                    raise ModelFailureError("non-finite output", model=self.task.name)
             out.append(self._result(it, it.request.score, head, ()))
         return out, timings
 

@@ -219,6 +219,23 @@ def test_a_failing_model_gives_a_model_failure_naming_it() -> None:
         assert "model 'tiny'" in str(o.error) and "shape mismatch" in str(o.error)
 
 
+class NaNOutput(TinyGAP):
+    """Answers NaN logits: the maps would be blank if nobody looked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * float("nan")
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"predict_only": True}, {"methods": ("scorecam",)}, {"methods": ("guided_gradcam",)}]
+)
+def test_non_finite_model_output_is_a_model_failure_not_a_blank_map(kw: dict[str, Any]) -> None:
+    svc = ExplainService({"tiny": tiny_task(NaNOutput().eval())}, settings=SETTINGS)
+    [out] = svc.run([request(png(1), **kw)])
+    assert isinstance(out, ExplainError) and isinstance(out.error, ModelFailureError)
+    assert str(out.error) == "model 'tiny': the model's output is not finite (NaN or inf)"
+
+
 def test_metrics_latency_is_per_request(gap_model: nn.Module) -> None:
     sink = RecordingSink()
     service(gap_model, sink).run([request(png(1)), request(b"nope")])
