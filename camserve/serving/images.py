@@ -19,6 +19,7 @@ side is upright.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -110,6 +111,9 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage
         with warnings.catch_warnings():
             # Our own cap (below) decides; Pillow's warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's EXIF (TIFF) reader warns about corrupt EXIF blocks; they are
+            # ignored (see _oriented), not reported.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
             with Image.open(io.BytesIO(bytes(data))) as img:
                 fmt = _ALIASES.get(str(img.format), str(img.format))
                 if fmt not in _FORMATS:
@@ -147,11 +151,13 @@ def viewer_rgb(image: Image.Image) -> NDArray[np.uint8]:
 
     1. EXIF orientation (tag 274, values 2-8) applied with
        :func:`PIL.ImageOps.exif_transpose`.
-    2. Samples scaled to 8 bits: 1/2/4-bit and 16-bit RGB samples by Pillow's
-       decoder; 16-bit grayscale (modes ``I;16*``) and 32-bit integer (``I``,
-       whose only PNG source is 16-bit samples) as ``round(v * 255 / 65535)``,
-       clipped to [0, 65535] first; float (``F``) as ``round(v * 255)`` of
-       values clipped to [0, 1]. Palettes (``P``, ``PA``) are looked up.
+    2. Samples scaled to 8 bits: 1/2/4-bit samples by Pillow's decoder;
+       16-bit colour and gray-alpha samples by Pillow's decoder to their high
+       byte (within one level of ``round(v * 255 / 65535)``); 16-bit
+       grayscale (modes ``I;16*``) and 32-bit integer (``I``, whose only PNG
+       source is 16-bit samples) as ``round(v * 255 / 65535)``, clipped to
+       [0, 65535] first; float (``F``) as ``round(v * 255)`` of values
+       clipped to [0, 1]. Palettes (``P``, ``PA``) are looked up.
     3. Transparency separated as an alpha channel: ``LA``, ``RGBA``,
        premultiplied ``La``/``RGBa``, palette alpha (PNG ``tRNS``) and PNG
        colour keys (``tRNS`` in gray, 16-bit gray or RGB images).
@@ -184,14 +190,37 @@ def viewer_rgb(image: Image.Image) -> NDArray[np.uint8]:
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
+# What Pillow raises on EXIF blocks it cannot parse or write back.
+_EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error)
+# EXIF orientation -> the transposition that shows the image upright (EXIF 2.3, tag 274).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def _oriented(image: Image.Image) -> Image.Image:
-    """The image turned upright by its EXIF orientation (a no-op without one)."""
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
+    """The image turned upright by its EXIF orientation (a no-op without one).
+
+    An EXIF block Pillow cannot parse counts as absent, as in viewers; one whose
+    other tags Pillow cannot write back still gives its orientation.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _EXIF_ERRORS:
+        return image
+    if orientation not in _UPRIGHT:
+        return image
+    try:
         upright = ImageOps.exif_transpose(image)
-        if upright is not None:
-            return upright
-    return image
+    except _EXIF_ERRORS:
+        upright = image.transpose(_UPRIGHT[orientation])
+    return image if upright is None else upright
 
 
 def _color_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
@@ -230,7 +259,7 @@ def _gray8(image: Image.Image, key: object) -> tuple[Image.Image, Image.Image | 
             raise InvalidImageError("image has NaN or infinite samples")
         scaled = np.clip(values, 0.0, 1.0) * 255.0
     else:
-        scaled = np.clip(values.astype(np.float64), 0.0, 65535.0) * (255.0 / 65535.0)
+        scaled = np.clip(values.astype(np.float32), 0.0, 65535.0) * np.float32(255.0 / 65535.0)
     gray = Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
     alpha = None
     if isinstance(key, int) and image.mode != "F":

@@ -9,6 +9,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageCms
 
 from camserve.errors import ImageTooLargeError, InvalidImageError
@@ -489,3 +491,43 @@ def test_other_modes_become_rgb() -> None:
     np.testing.assert_allclose(viewer_rgb(ycc).astype(float), 128, atol=1)
     hsv = Image.new("HSV", (1, 1), (0, 255, 255))
     np.testing.assert_array_equal(viewer_rgb(hsv), [[[255, 0, 0]]])
+
+
+def jpeg_with_exif_payload(payload: bytes) -> bytes:
+    """A 16 x 8 JPEG (left half red) whose APP1 segment is ``Exif\\0\\0`` + ``payload``."""
+    stored = np.zeros((8, 16, 3), dtype=np.uint8)
+    stored[:, :8] = (255, 0, 0)
+    plain = save(Image.fromarray(stored), "JPEG", quality=95)
+    segment = b"Exif\x00\x00" + payload
+    app1 = b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment
+    return plain[:2] + app1 + plain[2:]
+
+
+def exif_payload(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "camera"
+    exif[0x011A] = 72.0  # XResolution, a RATIONAL
+    return bytes(exif.tobytes())
+
+
+def test_corrupt_exif_blocks_are_ignored_as_viewers_do() -> None:
+    truncated = decode_image(jpeg_with_exif_payload(b"MM\x00*\x00\x00\x00\x08\x00\x05\x01"))
+    assert truncated.size == (16, 8)
+    upright = decode_image(jpeg_with_exif_payload(exif_payload(6)))
+    assert upright.size == (8, 16)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.data())
+def test_any_corruption_of_the_exif_block_decodes_or_is_invalid(data: st.DataObject) -> None:
+    payload = bytearray(exif_payload(6))
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, len(payload) - 1))
+        payload[at] = data.draw(st.integers(0, 255))
+    try:
+        img = decode_image(jpeg_with_exif_payload(bytes(payload)))
+    except InvalidImageError:
+        return
+    assert img.size in {(16, 8), (8, 16)}
+    assert img.pixels.dtype == np.uint8
