@@ -130,6 +130,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage
                         f"the limit is {limits.max_pixels} pixels"
                     )
                 img.load()
+                if fmt == "PNG":
+                    _png_key_as_decoded(img, bytes(data[:26]))
                 pixels = viewer_rgb(img)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
@@ -142,6 +144,25 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage
             raise
         raise InvalidImageError(f"image is corrupt or truncated: {exc}") from exc
     return DecodedImage(pixels=pixels, format=fmt)
+
+
+def _png_key_as_decoded(image: Image.Image, head: bytes) -> None:
+    """Rescales a PNG colour key (``tRNS``) to the samples Pillow decoded.
+
+    Pillow scales 2- and 4-bit gray samples to 0-255 and keeps the high byte of
+    16-bit colour samples, but reports the key at the file's bit depth. The bit
+    depth and colour type are bytes 24 and 25 of every PNG (the IHDR chunk comes
+    first). A 16-bit colour key is matched on its high byte: pixels within
+    1/256 of the key colour count as the key.
+    """
+    key = image.info.get("transparency")
+    if len(head) < 26 or key is None:
+        return
+    bit_depth, color_type = head[24], head[25]
+    if color_type == 0 and bit_depth in (2, 4) and isinstance(key, int):
+        image.info["transparency"] = key * 255 // (2**bit_depth - 1)
+    elif color_type == 2 and bit_depth == 16 and isinstance(key, tuple):
+        image.info["transparency"] = tuple(int(v) >> 8 for v in key)
 
 
 def viewer_rgb(image: Image.Image) -> NDArray[np.uint8]:
@@ -160,7 +181,8 @@ def viewer_rgb(image: Image.Image) -> NDArray[np.uint8]:
        clipped to [0, 1]. Palettes (``P``, ``PA``) are looked up.
     3. Transparency separated as an alpha channel: ``LA``, ``RGBA``,
        premultiplied ``La``/``RGBa``, palette alpha (PNG ``tRNS``) and PNG
-       colour keys (``tRNS`` in gray, 16-bit gray or RGB images).
+       colour keys (``tRNS`` in gray images of every bit depth and in RGB
+       images; :func:`decode_image` matches a 16-bit RGB key on its high byte).
     4. Colour: an embedded ICC profile (``icc_profile``) converts the colour
        channels (gray, RGB or CMYK) to sRGB, perceptual intent. A profile
        LittleCMS cannot read, or one that does not fit the image's channels,

@@ -292,6 +292,22 @@ def test_colour_keys_are_transparent() -> None:
     np.testing.assert_array_equal(decode_image(deep_values).pixels, gray_rgb([255, 4, 128]))
 
 
+@pytest.mark.parametrize("bit_depth", [1, 2, 4])
+def test_colour_keys_of_low_bit_depth_gray(bit_depth: int) -> None:
+    top = 2**bit_depth - 1
+    levels = sorted({0, 1, top})
+    data = raw_png(np.array(levels).reshape(1, -1, 1), bit_depth, 0, (chunk(b"tRNS", b"\x00\x01"),))
+    expected = [255 if v == 1 else round(v * 255 / top) for v in levels]
+    np.testing.assert_array_equal(decode_image(data).pixels, gray_rgb(expected))
+
+
+def test_colour_key_of_16_bit_rgb_is_matched_on_the_high_byte() -> None:
+    samples = np.array([[[0, 0x1234, 0xFFFF], [0x8000, 0x8000, 0x8000], [0, 0x1200, 0xFF00]]])
+    key = chunk(b"tRNS", struct.pack(">HHH", 0, 0x1234, 0xFFFF))
+    img = decode_image(raw_png(samples, 16, 2, (key,)))
+    np.testing.assert_array_equal(img.pixels, [[[255, 255, 255], [128, 128, 128], [255, 255, 255]]])
+
+
 def test_one_bit_png() -> None:
     bits = Image.fromarray(np.array([[0, 255, 0, 255]], dtype=np.uint8)).convert("1")
     data = save(bits)
