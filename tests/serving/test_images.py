@@ -315,6 +315,15 @@ def test_one_bit_png() -> None:
     np.testing.assert_array_equal(decode_image(data).pixels, gray_rgb([0, 255, 0, 255]))
 
 
+def test_progressive_jpeg() -> None:
+    data = save(Image.new("RGB", (24, 16), (30, 140, 220)), "JPEG", quality=95, progressive=True)
+    assert Image.open(io.BytesIO(data)).info.get("progressive") == 1
+    img = decode_image(data)
+    np.testing.assert_allclose(
+        img.pixels.reshape(-1, 3).astype(float), [[30, 140, 220]] * 384, atol=3
+    )
+
+
 def test_grayscale_jpeg_is_gray_rgb() -> None:
     img = decode_image(encode(np.full((16, 16), 90, dtype=np.uint8), "JPEG"))
     np.testing.assert_allclose(img.pixels.astype(float), 90, atol=1)
