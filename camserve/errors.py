@@ -71,3 +71,7 @@ class DeadlineExceededError(CamserveError):
 
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
+
+
+class ModelFailureError(CamserveError):
+    """The model failed on a valid request, or gave a non-finite output."""
