@@ -31,7 +31,7 @@ from camserve.engine.layout import LayerView, Layout, resolve_view
 from camserve.engine.methods import GradKind, MethodSpec, check_options, list_methods, method_spec
 from camserve.engine.outputs import check_finite, find_logits, tree_map
 from camserve.engine.relu import ReluRouting, ReluState
-from camserve.engine.runners import Runner, batched_vjp
+from camserve.engine.runners import Runner, batched_vjp, compare_outputs
 from camserve.engine.targets import Target, Targets, resolve_targets
 from camserve.engine.timing import Stopwatch
 from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
@@ -86,15 +86,13 @@ def _mode_dependent(module: nn.Module) -> bool:
     if isinstance(module, _MODE_DEPENDENT):
         return True
     if isinstance(module, nn.MultiheadAttention):
-        return module.dropout > 0
+        return bool(module.dropout > 0)
     name = type(module).__name__.lower()
     return "droppath" in name or "stochasticdepth" in name or "dropblock" in name
 
 
 def _layer_names(model: nn.Module, layer: LayerArg) -> list[str]:
-    items: list[str | nn.Module] = (
-        [layer] if isinstance(layer, str | nn.Module) else list(layer)  # type: ignore[arg-type]
-    )
+    items: list[str | nn.Module] = [layer] if isinstance(layer, str | nn.Module) else list(layer)
     if not items:
         raise InvalidRequestError("at least one layer is needed")
     modules = dict(model.named_modules())
@@ -222,7 +220,9 @@ class Explainer:
                 f"the model's parameters are on {sorted(wrong)}, not on device {self.device}; "
                 "move the model first"
             )
-        inference = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()]
+        inference = [
+            n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()
+        ]
         if inference:
             raise InvalidRequestError(
                 f"the model's tensors {inference[:5]} were created under torch.inference_mode, "
@@ -283,9 +283,7 @@ class Explainer:
                     f"got shape {tuple(e.shape)}"
                 )
         # Tensors made under torch.inference_mode cannot enter autograd: copy those.
-        return tuple(
-            (t.clone() if t.is_inference() else t).detach().to(self.device) for t in xs
-        )
+        return tuple((t.clone() if t.is_inference() else t).detach().to(self.device) for t in xs)
 
     @staticmethod
     def _methods(methods: str | Sequence[str]) -> list[MethodSpec]:
@@ -361,13 +359,12 @@ class Explainer:
                 for some images (:attr:`~camserve.engine.outputs.NonFiniteOutputError.images`).
         """
         watch = Stopwatch(self.device)
-        with watch.stage("total"):
+        with watch.stage("total"), torch.inference_mode(False):
             xs = self._inputs(inputs)
             requested = self._methods(methods)
             opts = check_options(options)
             self._check_eval()
-            with torch.inference_mode(False):
-                result = self._explain(xs, requested, targets, score, opts, watch)
+            result = self._explain(xs, requested, targets, score, opts, watch)
         result.timings.update(watch.result())
         return result
 
@@ -398,6 +395,8 @@ class Explainer:
             and self._split is not None
             and bool(self._split.cuts)
         )
+        if use_fx and self._prove_recorder(xs):
+            use_fx = False
         want_logit_grads = score == "probability" and any(s.logit_gradient for s in layer_specs)
         n = int(xs[0].shape[0])
         size = (int(xs[0].shape[2]), int(xs[0].shape[3]))
@@ -466,7 +465,8 @@ class Explainer:
                 if want_input:
                     guided_input = res.pop()
                 grads[kind] = {
-                    name: views[name].maps(g[:, :k]) for name, g in zip(self.layers, res, strict=False)
+                    name: views[name].maps(g[:, :k])
+                    for name, g in zip(self.layers, res, strict=False)
                 }
                 if kind == "normal" and logit_scores is not None:
                     logit_grads = {
@@ -539,6 +539,38 @@ class Explainer:
         return out | opts.get(method, {})
 
     # ------------------------------------------------------ proving fx cuts
+    def _prove_recorder(self, xs: tuple[Tensor, ...]) -> str:
+        """Why the traced model must not replace the model's forward (``""`` when it may).
+
+        Once per input shape, the traced recorder and the model run on the
+        first image; their outputs must have the same structure (types) and
+        values. ``torch.fx`` rebuilds some outputs differently (a dict for a
+        dict-like output object), which a score function would notice.
+        """
+        split = self._split
+        if split is None:  # pragma: no cover - only called with a split
+            return "no fx cut"
+        key = ("recorder", tuple((tuple(x.shape[1:]), x.dtype) for x in xs))
+        with self._lock:
+            verdict = self._proofs.get(key)
+        if verdict is not None:
+            return verdict
+        one = tuple(x[:1] for x in xs)
+        try:
+            with torch.no_grad():
+                traced, _ = split.recorder(*one)
+                real = self.model(*one)
+            verdict = compare_outputs(traced, real, "the traced model")
+        except Exception as exc:  # a traced model that cannot run is not used
+            verdict = f"the traced model fails ({type(exc).__name__}: {exc})"
+        with self._lock:
+            self._proofs[key] = verdict
+            if verdict:
+                note = f"Ablation-CAM re-runs the whole model: {verdict}"
+                if note not in self.trace_note:
+                    self.trace_note = "; ".join(filter(None, [self.trace_note, note]))
+        return verdict
+
     def _prove_cuts(self, runner: Runner, raw: dict[str, Tensor]) -> frozenset[str]:
         """Layers whose fx cut is not proven to reproduce the model (they re-run it whole)."""
         split = self._split
@@ -662,7 +694,9 @@ class Explainer:
                     continue
                 kw = {"batch_size": self.batch_size} | opts.get(m, {})
                 if spec.call == "input_score":
-                    out[m] = finite(spec.function(images, target_scores, runner.score, **kw).float())
+                    out[m] = finite(
+                        spec.function(images, target_scores, runner.score, **kw).float()
+                    )
                 elif spec.call == "input_gradient":
                     out[m] = finite(spec.function(images, runner.input_grad, **kw).float())
                 else:  # pragma: no cover - the registry's calls are all handled

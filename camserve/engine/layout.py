@@ -37,7 +37,7 @@ from torch import Tensor
 
 from camserve.errors import InvalidRequestError
 
-__all__ = ["MAX_PREFIX_TOKENS", "Layout", "LayerView", "TokenGrid", "resolve_view"]
+__all__ = ["MAX_PREFIX_TOKENS", "LayerView", "Layout", "TokenGrid", "resolve_view"]
 
 MAX_PREFIX_TOKENS = 16
 """Largest number of prefix tokens (class, distillation, register) the detection tries."""
@@ -134,9 +134,7 @@ def _token_view(
     name: str, raw_shape: tuple[int, ...], grid: TokenGrid, size: tuple[int, int]
 ) -> LayerView:
     t, c = raw_shape
-    prefixes = (
-        [grid.prefix] if grid.prefix is not None else range(min(t, MAX_PREFIX_TOKENS + 1))
-    )
+    prefixes = [grid.prefix] if grid.prefix is not None else range(min(t, MAX_PREFIX_TOKENS + 1))
     for p in prefixes:
         if p < 0 or p >= t:
             break
@@ -149,9 +147,11 @@ def _token_view(
         tok = p + torch.arange(h)[None, :, None] * w + torch.arange(w)[None, None, :]
         index = (tok * c + ch).reshape(-1)
         return LayerView(
-            raw_shape, (c, h, w), index,
+            raw_shape,
+            (c, h, w),
+            index,
             f"tokens (N, {t}, {c}): {p} prefix token(s) + a {h} x {w} grid",
-        )  # fmt: skip
+        )
     want = (
         f"{grid.prefix} prefix token(s) + a grid {grid.grid or 'of the input aspect ratio'}"
         if grid.prefix is not None
@@ -163,7 +163,9 @@ def _token_view(
     )
 
 
-def _callable_view(name: str, raw_shape: tuple[int, ...], fn: Callable[[Tensor], Tensor]) -> LayerView:
+def _callable_view(
+    name: str, raw_shape: tuple[int, ...], fn: Callable[[Tensor], Tensor]
+) -> LayerView:
     numel = math.prod(raw_shape)
     if numel >= 2**53:  # pragma: no cover - indices must be exact in float64
         raise InvalidRequestError(f"layer {name!r} output is too large to rearrange")
@@ -172,8 +174,8 @@ def _callable_view(name: str, raw_shape: tuple[int, ...], fn: Callable[[Tensor],
         out = fn(probe)
     except Exception as exc:
         raise InvalidRequestError(
-            f"the layout callable for layer {name!r} failed on a (1, {', '.join(map(str, raw_shape))}) "
-            f"tensor: {type(exc).__name__}: {exc}"
+            f"the layout callable for layer {name!r} failed on a tensor of shape "
+            f"{(1, *raw_shape)}: {type(exc).__name__}: {exc}"
         ) from exc
     if not isinstance(out, Tensor) or out.dim() != 4 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -186,7 +188,7 @@ def _callable_view(name: str, raw_shape: tuple[int, ...], fn: Callable[[Tensor],
         out.dtype != torch.float64
         or not bool((flat == index.double()).all())
         or bool(((index < 0) | (index >= numel)).any())
-        or int(index.unique().numel()) != int(index.numel())
+        or int(torch.unique(index).numel()) != int(index.numel())
     ):
         raise InvalidRequestError(
             f"the layout callable for layer {name!r} must only select and rearrange elements "
@@ -204,7 +206,9 @@ def _channels_last_view(raw_shape: tuple[int, ...]) -> LayerView:
     return LayerView(raw_shape, (c, h, w), index, f"channels last (N, {h}, {w}, {c})")
 
 
-def _view(name: str, raw_shape: tuple[int, ...], layout: Layout, size: tuple[int, int]) -> LayerView:
+def _view(
+    name: str, raw_shape: tuple[int, ...], layout: Layout, size: tuple[int, int]
+) -> LayerView:
     dims = len(raw_shape)
     if isinstance(layout, TokenGrid) or (layout == "auto" and dims == 2):
         grid = layout if isinstance(layout, TokenGrid) else TokenGrid()

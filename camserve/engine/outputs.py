@@ -65,7 +65,7 @@ def tree_map(fn: Callable[[Tensor], Any], value: Any) -> Any:
     if isinstance(value, Mapping):
         items = {k: tree_map(fn, v) for k, v in value.items()}
         try:
-            return type(value)(items)
+            return type(value)(items)  # type: ignore[call-arg]
         except TypeError:
             return items
     return value

@@ -223,7 +223,7 @@ _RULES: dict[Any, tuple[str, _Parser, bool]] = {
     F.rrelu: ("RReLU", _rrelu, False),
     F.rrelu_: ("RReLU", _rrelu, True),
     F.threshold: ("Threshold", _threshold, False),
-    F.threshold_: ("Threshold", _threshold, True),
+    F.threshold_: ("Threshold", _threshold, True),  # type: ignore[attr-defined]
 }
 RECTIFIERS = tuple(sorted({name for name, _, _ in _RULES.values()}))
 """The activations the guided and deconv rules are applied to."""

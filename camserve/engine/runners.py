@@ -18,7 +18,8 @@ zeros).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from camserve.engine.outputs import NonFiniteOutputError, leaves
 from camserve.engine.targets import Target
 from camserve.errors import UnsupportedMethodError
 
-__all__ = ["Runner", "batched_vjp"]
+__all__ = ["Runner", "batched_vjp", "compare_outputs"]
 
 
 def batched_vjp(
@@ -124,6 +125,45 @@ def _checked(scores: Tensor, name: str, i: int, what: str) -> Tensor:
             (i,),
         )
     return scores
+
+
+def _structure(value: Any) -> Any:
+    """The types of a nested output, tensors replaced by their shapes."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape)
+    if isinstance(value, Mapping):
+        return (type(value), tuple((k, _structure(v)) for k, v in value.items()))
+    if isinstance(value, tuple | list):
+        return (type(value), tuple(_structure(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value),
+            tuple(_structure(getattr(value, f.name)) for f in dataclasses.fields(value)),
+        )
+    return type(value)
+
+
+def compare_outputs(got: Any, want: Any, what: str) -> str:
+    """``""`` when two model outputs agree in structure and values, else how they differ.
+
+    Float tensors must agree to a tolerance of their dtype's precision
+    (``1000 eps``, relative to the largest value); others exactly.
+    """
+    if _structure(got) != _structure(want):
+        return f"{what} gives outputs structured as {_structure(got)}, the model {_structure(want)}"
+    for (path, c), (_, w) in zip(leaves(got), leaves(want), strict=True):
+        if not c.is_floating_point():
+            same = bool(torch.equal(c, w))
+        else:
+            eps = float(torch.finfo(c.dtype).eps)
+            top = float(w.detach().abs().max()) if w.numel() else 0.0
+            same = bool(torch.allclose(c, w, rtol=1e3 * eps, atol=1e3 * eps * (1.0 + top)))
+        if not same:
+            return (
+                f"{what} does not reproduce the model's {path} (it reads values computed "
+                "for the call's batch size, or runs differently when traced)"
+            )
+    return ""
 
 
 def _repeat(value: Any, i: int, b: int, n: int) -> Any:
@@ -229,25 +269,9 @@ class Runner:
                     whole = self._forward(0, _repeat(self.inputs[0], 0, b, self.n))
         except Exception as exc:  # a cut that cannot run is not used
             return f"its torch.fx cut fails at batch size {b} ({type(exc).__name__}: {exc})"
-        got, want = list(leaves(cut)), list(leaves(whole))
-        if [(p, tuple(t.shape)) for p, t in got] != [(p, tuple(t.shape)) for p, t in want]:
-            return (
-                f"its torch.fx cut gives outputs {[(p, tuple(t.shape)) for p, t in got]} at batch "
-                f"size {b}, the model {[(p, tuple(t.shape)) for p, t in want]}"
-            )
-        for (path, c), (_, w) in zip(got, want, strict=True):
-            if not c.is_floating_point():
-                same = bool(torch.equal(c, w))
-            else:
-                eps = float(torch.finfo(c.dtype).eps)
-                scale_w = float(w.detach().abs().max()) if w.numel() else 0.0
-                same = bool(torch.allclose(c, w, rtol=1e3 * eps, atol=1e3 * eps * (1.0 + scale_w)))
-            if not same:
-                return (
-                    f"its torch.fx cut does not reproduce the model's {path} at batch size {b} "
-                    "(it reads values computed for the call's batch size)"
-                )
-        return ""
+        return compare_outputs(
+            cut, whole, f"its torch.fx cut at batch size {b} (other than the call's)"
+        )
 
     def tail(self, layer: str) -> Callable[[int, Tensor], Tensor]:
         """``tail(i, acts)``: target scores of image i with ``layer``'s output replaced.

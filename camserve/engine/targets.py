@@ -34,7 +34,9 @@ on per-image data (the answer id of each image, the caption word of each
 image) must index that data with ``rows``; one that does not may ignore it.
 """
 
-Targets: TypeAlias = int | Sequence[int] | Sequence[Sequence[int]] | Tensor | np.ndarray[Any, Any] | ScoreFn
+Targets: TypeAlias = (
+    int | Sequence[int] | Sequence[Sequence[int]] | Tensor | np.ndarray[Any, Any] | ScoreFn
+)
 SCORES = ("logit", "probability")
 
 
@@ -127,7 +129,9 @@ def _check_integer_dtype(a: np.ndarray[Any, Any] | Tensor) -> None:
     else:
         ok = a.dtype.kind in "iu"
     if not ok:
-        raise InvalidRequestError(f"class ids must be an integer tensor or array, got dtype {a.dtype}")
+        raise InvalidRequestError(
+            f"class ids must be an integer tensor or array, got dtype {a.dtype}"
+        )
 
 
 def _class_ids(targets: object, n: int) -> Tensor:
@@ -139,8 +143,10 @@ def _class_ids(targets: object, n: int) -> Tensor:
     """
     if isinstance(targets, np.ndarray | Tensor):
         _check_integer_dtype(targets)
-        arr = targets.detach().cpu() if isinstance(targets, Tensor) else torch.from_numpy(
-            np.ascontiguousarray(targets)
+        arr = (
+            targets.detach().cpu()
+            if isinstance(targets, Tensor)
+            else torch.from_numpy(np.ascontiguousarray(targets))
         )
         ids = arr.long()
     elif isinstance(targets, Sequence) and not isinstance(targets, str | bytes):
@@ -193,10 +199,16 @@ def _is_integer(value: object) -> bool:
         return False
     if isinstance(value, int | np.integer):
         return True
-    return isinstance(value, np.ndarray | Tensor) and value.ndim == 0 and (
-        value.dtype.kind in "iu"
-        if isinstance(value, np.ndarray)
-        else not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+    return (
+        isinstance(value, np.ndarray | Tensor)
+        and value.ndim == 0
+        and (
+            value.dtype.kind in "iu"
+            if isinstance(value, np.ndarray)
+            else not (
+                value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+            )
+        )
     )
 
 
@@ -249,8 +261,8 @@ def resolve_targets(
             )
         if not probe.is_floating_point():
             raise InvalidRequestError(f"the score function must return floats, got {probe.dtype}")
-        k = int(probe.shape[1])
-        return Target(torch.arange(k).expand(n, k).clone(), score, targets), probe
+        kf = int(probe.shape[1])
+        return Target(torch.arange(kf).expand(n, kf).clone(), score, targets), probe
     logits = require_logits(output, n)
     c = int(logits.shape[1])
     k = _as_k(targets)

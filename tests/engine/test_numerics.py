@@ -55,13 +55,13 @@ def test_adversarial_inputs(make, layer, fill: float) -> None:
         bad = (~torch.isfinite(model(x))).any(dim=1).nonzero().flatten().tolist()
     ex = Explainer(model, layer)
     if bad:  # the model overflows: a model failure naming the images, never zeros
-        with pytest.raises(NonFiniteOutputError, match=r"model .* gave a non-finite output .*(NaN|inf)") as err:
+        with pytest.raises(
+            NonFiniteOutputError, match=r"model .* gave a non-finite output .*(NaN|inf)"
+        ) as err:
             ex.explain(x, methods=LAYER_GRADIENT, targets=2)
         assert list(err.value.images) == bad
         return
-    res = ex.explain(
-        x, methods=LAYER_GRADIENT, targets=2, options={"gradcampp": {"stats": True}}
-    )
+    res = ex.explain(x, methods=LAYER_GRADIENT, targets=2, options={"gradcampp": {"stats": True}})
     assert set(res.stats["gradcampp"]) >= {"alpha_count", "alpha_min", "alpha_max"}
     _all_finite(res)
 

@@ -106,7 +106,9 @@ class OptionSpec:
             InvalidRequestError: a value of the wrong type or out of range.
             UnknownNameError: a value outside :attr:`choices`.
         """
-        if not isinstance(value, self.types) or (isinstance(value, bool) and bool not in self.types):
+        if not isinstance(value, self.types) or (
+            isinstance(value, bool) and bool not in self.types
+        ):
             names = "/".join(t.__name__ for t in self.types)
             raise InvalidRequestError(f"option {method}.{name} must be {names}, got {value!r}")
         if self.choices is not None and value not in self.choices:
@@ -196,9 +198,18 @@ def _gradient_spec(
     **extra: Any,
 ) -> MethodSpec:
     return MethodSpec(
-        mid, "layer", frozenset({kind}), False, None, "single_pass", options or {}, fn,
-        "gradient", source=source, **extra,
-    )  # fmt: skip
+        mid,
+        "layer",
+        frozenset({kind}),
+        False,
+        None,
+        "single_pass",
+        options or {},
+        fn,
+        "gradient",
+        source=source,
+        **extra,
+    )
 
 
 def _rerun_spec(
@@ -210,32 +221,60 @@ def _rerun_spec(
     source: str,
 ) -> MethodSpec:
     return MethodSpec(
-        mid, resolution, frozenset(), False, mid, "rerun", {"batch_size": _BATCH, **options},
-        fn, call, source=source,
-    )  # fmt: skip
+        mid,
+        resolution,
+        frozenset(),
+        False,
+        mid,
+        "rerun",
+        {"batch_size": _BATCH, **options},
+        fn,
+        call,
+        source=source,
+    )
 
 
 _LAYER_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec(
-        "cam", "layer", frozenset(), False, None, "single_pass", {}, activation.cam, "head",
+        "cam",
+        "layer",
+        frozenset(),
+        False,
+        None,
+        "single_pass",
+        {},
+        activation.cam,
+        "head",
         source="000 eq. 1 (class activation mapping)",
-    ),  # fmt: skip
+    ),
     _gradient_spec("gradcam", gradient.gradcam, "normal", "001 eq. 1-2"),
     _gradient_spec("gradcam_pos", gradient.gradcam_pos, "normal", "002 eq. 4 (Grad-CAM+)"),
     _gradient_spec(
-        "gradcampp", gradient.gradcampp, "normal", "002 eq. 9",
-        logit_gradient=True, returns_stats=True,
+        "gradcampp",
+        gradient.gradcampp,
+        "normal",
+        "002 eq. 9",
+        logit_gradient=True,
+        returns_stats=True,
         options={"normalize_alpha": OptionSpec((bool,)), "stats": OptionSpec((bool,))},
-    ),  # fmt: skip
+    ),
     _gradient_spec("xgradcam", gradient.xgradcam, "normal", "000 eq. 9, 004"),
     _rerun_spec(
-        "ablationcam", "layer", perturbation.ablation_cam, "tail",
-        {"form": OptionSpec((str,), ("score", "sum"))}, "Desai & Ramaswamy 2020 eq. 3; 000",
-    ),  # fmt: skip
+        "ablationcam",
+        "layer",
+        perturbation.ablation_cam,
+        "tail",
+        {"form": OptionSpec((str,), ("score", "sum"))},
+        "Desai & Ramaswamy 2020 eq. 3; 000",
+    ),
     _rerun_spec(
-        "scorecam", "layer", perturbation.score_cam, "masked_input", {},
+        "scorecam",
+        "layer",
+        perturbation.score_cam,
+        "masked_input",
+        {},
         "Wang et al. 2020 eq. 6-8",
-    ),  # fmt: skip
+    ),
     _gradient_spec("layercam", gradient.layercam, "normal", "Jiang et al. 2021 eq. 4-5"),
     _gradient_spec("hirescam", gradient.hirescam, "normal", "Draelos & Carin 2020"),
     _gradient_spec("counterfactual", gradient.counterfactual, "normal", "001 sec. 5.3"),
@@ -266,30 +305,47 @@ def _guided_product_spec(base: MethodSpec) -> MethodSpec:
 
 _INPUT_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec(
-        "guided_backprop", "input", frozenset(), True, None, "single_pass", _GUIDED_OPTIONS,
-        guided.guided_backprop, "guided_backprop", source="Springenberg et al. 2015; 001 sec. 2",
-    ),  # fmt: skip
+        "guided_backprop",
+        "input",
+        frozenset(),
+        True,
+        None,
+        "single_pass",
+        _GUIDED_OPTIONS,
+        guided.guided_backprop,
+        "guided_backprop",
+        source="Springenberg et al. 2015; 001 sec. 2",
+    ),
     *(_guided_product_spec(s) for s in _LAYER_SPECS),
     _rerun_spec(
-        "occlusion", "input", perturbation.occlusion, "input_score",
+        "occlusion",
+        "input",
+        perturbation.occlusion,
+        "input_score",
         {
             "mask": OptionSpec((int,), minimum=1, maximum=4096),
             "stride": OptionSpec((int,), minimum=1, maximum=4096),
             "fill": OptionSpec((float, int)),
         },
         "001 sec. 5.1 (Zeiler & Fergus occlusion)",
-    ),  # fmt: skip
+    ),
     _rerun_spec(
-        "integrated_gradients", "input", reference.integrated_gradients, "input_gradient",
+        "integrated_gradients",
+        "input",
+        reference.integrated_gradients,
+        "input_gradient",
         {
             "baseline": OptionSpec((Tensor, type(None))),
             "steps": OptionSpec((int,), minimum=1, maximum=1024),
             "rule": OptionSpec((str,), IG_RULES),
         },
         "Sundararajan et al. 2017 eq. 1; 003",
-    ),  # fmt: skip
+    ),
     _rerun_spec(
-        "gradient_shap", "input", reference.gradient_shap, "input_gradient",
+        "gradient_shap",
+        "input",
+        reference.gradient_shap,
+        "input_gradient",
         {
             "baselines": OptionSpec((Tensor, type(None))),
             "samples": OptionSpec((int,), minimum=1, maximum=1024),
@@ -297,7 +353,7 @@ _INPUT_SPECS: tuple[MethodSpec, ...] = (
             "seed": OptionSpec((int,), minimum=0),
         },
         "Lundberg & Lee 2017 (expected gradients); 003",
-    ),  # fmt: skip
+    ),
 )
 
 METHOD_SPECS: dict[str, MethodSpec] = {s.id: s for s in (*_LAYER_SPECS, *_INPUT_SPECS)}
