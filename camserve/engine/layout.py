@@ -109,11 +109,23 @@ class LayerView:
 
 
 def _fits(h: int, w: int, size: tuple[int, int]) -> bool:
-    """A grid ``h x w`` has the aspect ratio of an input ``H x W`` (within one cell)."""
+    """A grid ``h x w`` is what an integer stride gives on an input ``H x W``.
+
+    True when some stride ``s`` gives ``h = floor(H / s)`` and ``w = floor(W / s)``,
+    or both with ``ceil`` (valid or same padding), so the grid has the input's
+    aspect ratio.
+    """
     big_h, big_w = size
     if h < 1 or w < 1:
         return False
-    return abs(h - big_h * w / big_w) < 1.0 + 1e-9 and abs(w - big_w * h / big_h) < 1.0 + 1e-9
+    lo = max(1, min(big_h // (h + 1), big_w // (w + 1)))
+    hi = max(big_h, big_w)
+    for s in range(lo, hi + 1):
+        if (big_h // s, big_w // s) == (h, w) or (-(-big_h // s), -(-big_w // s)) == (h, w):
+            return True
+        if -(-big_h // s) < h and -(-big_w // s) < w:
+            break
+    return False
 
 
 def _grid(m: int, size: tuple[int, int]) -> tuple[int, int] | None:
