@@ -147,7 +147,8 @@ def compare_outputs(got: Any, want: Any, what: str) -> str:
     """``""`` when two model outputs agree in structure and values, else how they differ.
 
     Float tensors must agree to a tolerance of their dtype's precision
-    (``1000 eps``, relative to the largest value); others exactly.
+    (``1000 eps`` for float32/64, ``8 eps`` for float16/bfloat16, relative to
+    the largest value); others exactly.
     """
     if _structure(got) != _structure(want):
         return f"{what} gives outputs structured as {_structure(got)}, the model {_structure(want)}"
@@ -156,8 +157,9 @@ def compare_outputs(got: Any, want: Any, what: str) -> str:
             same = bool(torch.equal(c, w))
         else:
             eps = float(torch.finfo(c.dtype).eps)
+            tol = 1e3 * eps if eps < 1e-6 else 8 * eps  # float32/64; float16/bfloat16
             top = float(w.detach().abs().max()) if w.numel() else 0.0
-            same = bool(torch.allclose(c, w, rtol=1e3 * eps, atol=1e3 * eps * (1.0 + top)))
+            same = bool(torch.allclose(c, w, rtol=tol, atol=tol * (1.0 + top)))
         if not same:
             return (
                 f"{what} does not reproduce the model's {path} (it reads values computed "
