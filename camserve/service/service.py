@@ -284,7 +284,7 @@ class ExplainService:
                 id=s.id,
                 resolution=s.resolution,
                 cost=s.cost,
-                options={k: tuple(t.__name__ for t in v[0]) for k, v in s.options.items()},
+                options={k: tuple(t.__name__ for t in v.types) for k, v in s.options.items()},
             )
             for s in (method_spec(mid) for mid in list_methods())
         )
