@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from camserve.serving.launcher import REPO_ROOT
+from camserve.torchserve import resources
 
 __all__ = [
     "ARCHIVE_INFO",
@@ -29,13 +29,9 @@ __all__ = [
 ARCHIVE_INFO = "camserve.json"
 """Extra file of every archive: the zoo model it serves and its kind."""
 
-HANDLER_BASE = REPO_ROOT / "handlers" / "camserve_base.py"
+HANDLER_BASE = resources.handler_base_file()
 """The handlers' shared class, shipped as an extra file of every archive."""
-HANDLERS = {
-    "classifier": REPO_ROOT / "handlers" / "classifier_handler.py",
-    "captioner": REPO_ROOT / "handlers" / "caption_handler.py",
-    "vqa": REPO_ROOT / "handlers" / "vqa_handler.py",
-}
+HANDLERS = {kind: resources.handler_file(kind) for kind in resources.HANDLER_FILES}
 
 
 def build_zoo(store: Path, force: bool = False) -> None:
@@ -45,7 +41,9 @@ def build_zoo(store: Path, force: bool = False) -> None:
     """
     store.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "camserve.zoo.build", "--out", str(store)]
-    subprocess.run(cmd if force else [*cmd, "--if-missing"], check=True, cwd=REPO_ROOT)
+    # Run from the folder this camserve is imported from, so `-m` finds the same one.
+    here = Path(__file__).resolve().parents[2]
+    subprocess.run(cmd if force else [*cmd, "--if-missing"], check=True, cwd=here)
 
 
 def zoo_models(store: Path) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,6 @@ with warnings.catch_warnings():  # TorchServe leaves files open (ts/version.txt,
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.metrics.metric_type_enum import MetricTypes
 
-from camserve.serving.launcher import DEPLOY_DIR
 from camserve.serving.metrics import (
     METHOD_LATENCY,
     METRICS,
@@ -24,8 +23,9 @@ from camserve.serving.metrics import (
     record_batch,
     torchserve_model_metrics,
 )
+from camserve.torchserve import resources
 
-YAML = DEPLOY_DIR / "metrics.yaml"
+YAML = resources.metrics_yaml()
 
 
 def test_every_metric_is_declared_in_the_torchserve_yaml() -> None:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from camserve.serving.launcher import REPO_ROOT, ServeConfig, TorchServe, TorchServeError
+from camserve.torchserve.config import ServeConfig, TorchServeError
+from camserve.torchserve.process import TorchServe, stop_signals
 
 __all__ = ["register"]
 
@@ -28,8 +29,8 @@ def _build_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    config = ServeConfig(
+def _config(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
         model_store=_store(args),
         run_dir=Path(args.run_dir).resolve(),
         host=args.host,
@@ -43,17 +44,29 @@ def _serve(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _config(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.token_auth:
         print("[camserve] refusing to turn token auth off on a non-loopback address")
         return 2
     server = TorchServe(config)
-    print(f"[camserve] starting TorchServe from {config.model_store} in {server.run_dir}")
+    if args.print_config:
+        try:
+            print(server.render(), end="")
+        except TorchServeError as exc:
+            print(f"[camserve] {exc}", file=sys.stderr)
+            return 1
+        return 0
+    print(f"[camserve] starting TorchServe from {server.config.model_store} in {server.run_dir}")
     try:
-        server.start()
-        server.wait_ready(timeout=args.timeout)
+        with stop_signals():
+            server.start()
+            server.wait_ready(timeout=args.timeout)
     except (TorchServeError, KeyboardInterrupt) as exc:
         server.stop()
-        print(f"[camserve] TorchServe did not start: {exc}", file=sys.stderr)
+        print(f"[camserve] TorchServe did not start: {exc or 'interrupted'}", file=sys.stderr)
         return 1
     print("[camserve] ready:")
     for key, value in server.describe().items():
@@ -62,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     example = next((m for m in server.models if "vqa" not in m and "caption" not in m), None)
     example = example or server.models[0]
     print("[camserve] try (any PNG/JPEG; model_store/examples/ has some):")
-    print("  " + server.curl_example(example, _example_image(config.model_store)))
+    print("  " + server.curl_example(example, _example_image(server.config.model_store)))
     if args.background:
         print(f"[camserve] in the background; stop: camserve stop --run-dir {args.run_dir}")
         return 0
@@ -91,17 +104,19 @@ def _stop(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Adds the serving subcommands to the top-level parser's subparsers."""
-    default_store = str(REPO_ROOT / "model_store")
-    default_run = str(REPO_ROOT / "var" / "torchserve")
+    default_store = str(ServeConfig.model_store)
+    default_run = str(ServeConfig.run_dir)
 
     p = sub.add_parser("build-models", help="train the demo models if missing, archive them")
-    p.add_argument("--model-store", default=default_store)
+    p.add_argument("--model-store", default=default_store, help="default: ./model_store")
     p.add_argument("--force", action="store_true", help="retrain even if models exist")
     p.set_defaults(func=_build_models)
 
     p = sub.add_parser("serve", help="start TorchServe with the archived models")
-    p.add_argument("--model-store", default=default_store)
-    p.add_argument("--run-dir", default=default_run, help="logs, pid and key files")
+    p.add_argument("--model-store", default=default_store, help="default: ./model_store")
+    p.add_argument(
+        "--run-dir", default=default_run, help="logs, pid and key files; default: ./var/torchserve"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="inference; +1 management, +2 metrics")
     p.add_argument("--grpc-port", type=int, default=7070, help="gRPC inference; +1 management")
@@ -115,6 +130,11 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch-delay", type=int, help="override every model's maxBatchDelay (ms)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY")
     p.add_argument("--background", action="store_true", help="return once ready")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config.properties this would run with, start nothing",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("stop", help="stop the TorchServe started from a run folder")
