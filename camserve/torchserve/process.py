@@ -232,10 +232,6 @@ class TorchServe:
                 )
             time.sleep(0.25)
 
-    def worker_status(self) -> dict[str, list[str]]:
-        """Model name -> status of each of its workers (from the management API)."""
-        return self.management.worker_status(self.models)
-
     def _failed_models(self) -> list[str]:
         path = self.run_dir / "logs" / "ts_log.log"
         try:
