@@ -25,7 +25,7 @@ def _tree(ts: TorchServe) -> list[psutil.Process]:
     return [frontend, *frontend.children(recursive=True)]
 
 
-def test_start_manage_and_stop_from_another_object(tmp_path: Path) -> None:
+def test_start_manage_and_stop_orphans_from_another_object(tmp_path: Path) -> None:
     model = model_of("classifier")
     config = ServeConfig.free_ports(model_store=STORE, run_dir=tmp_path / "run", models=[model])
     ts = TorchServe(config)
@@ -43,6 +43,11 @@ def test_start_manage_and_stop_from_another_object(tmp_path: Path) -> None:
         assert len(tree) >= 2  # the JVM and a Python worker
         worker = next(p for p in tree if "model_service_worker" in " ".join(p.cmdline()))
         assert str(REPO_ROOT) in worker.environ()["PYTHONPATH"].split(os.pathsep)
+        # The launcher dies hard: the JVM and its worker live on, orphaned.
+        assert ts.proc is not None
+        ts.proc.kill()
+        ts.proc.wait()
+        assert all(p.is_running() for p in tree)
         # `camserve stop` runs in another process: a fresh object on the run folder.
         other = TorchServe(ServeConfig(run_dir=tmp_path / "run"))
         assert other.running_pid() == ts.running_pid()
