@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camserve.serving.archive import zoo_models
+from camserve.torchserve.archive import zoo_models
 from camserve.torchserve.config import ServeConfig
 from camserve.torchserve.process import TorchServe
 

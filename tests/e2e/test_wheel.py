@@ -110,15 +110,16 @@ def test_installed_camserve_renders_archives_and_serves(venv: Path, tmp_path: Pa
     work = tmp_path / "elsewhere"
     store = work / "store"
     store.mkdir(parents=True)
-    shutil.copy(STORE / "manifest.json", store)
-    shutil.copy(STORE / f"{name}.pt", store)
+    for suffix in (".toml", ".pt"):
+        shutil.copy(STORE / f"{name}{suffix}", store)
     py = str(venv / "bin" / "python")
     run(
         [
             py,
             "-c",
-            f"from pathlib import Path; from camserve.serving.archive import build_archives; "
-            f"build_archives(Path('store').resolve(), [{name!r}])",
+            "from camserve.models import read_spec; "
+            "from camserve.torchserve.archive import build_archive; "
+            f"build_archive(read_spec('store/{name}.toml'), 'store')",
         ],
         work,
         env,
