@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from camserve.errors import CamserveError
 from camserve.torchserve.config import ServeConfig, TorchServeError
 from camserve.torchserve.process import TorchServe, stop_signals
 
@@ -46,11 +48,42 @@ def _config(args: argparse.Namespace) -> ServeConfig:
     )
 
 
+def _archive_specs(names: list[str], store: Path) -> list[str]:
+    """Resolves, checks (the model is built and loaded once) and archives each ``--model``.
+
+    Returns:
+        The model names, in order.
+
+    Raises:
+        CamserveError: a spec that cannot be found or is wrong (the message names
+            the field and the value).
+    """
+    from camserve.models import load_model, resolve
+    from camserve.torchserve.archive import build_archive
+
+    served = []
+    for name in names:
+        spec = resolve(name, store)
+        load_model(spec)
+        print(f"[camserve] archived {build_archive(spec, store)}")
+        served.append(spec.name)
+    return served
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.token_auth:
         print("[camserve] refusing to turn token auth off on a non-loopback address")
         return 2
+    if args.model:
+        try:
+            extra = _archive_specs(args.model, config.model_store)
+        except CamserveError as exc:
+            print(f"[camserve] --model: {exc}", file=sys.stderr)
+            return 2
+        if config.models is not None:
+            models = list(dict.fromkeys([*config.models, *extra]))
+            config = dataclasses.replace(config, models=models)
     server = TorchServe(config)
     if args.print_config:
         try:
@@ -125,7 +158,18 @@ def register(sub: Any) -> None:
         action="store_true",
         help="turn TorchServe's token authorization off (loopback development only)",
     )
-    p.add_argument("--models", help="comma-separated model names (default: all archives)")
+    p.add_argument(
+        "--models", help="comma-separated archive names in the store (default: all archives)"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a model spec file (TOML/YAML), a name with a spec in the store, or a built-in "
+        "(efficientnet_lite0): checked, archived into the store and served beside the "
+        "--models archives (repeatable; alone: --models <its name> --model SPEC)",
+    )
     p.add_argument("--batch-size", type=int, help="override every model's batchSize")
     p.add_argument("--max-batch-delay", type=int, help="override every model's maxBatchDelay (ms)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY")

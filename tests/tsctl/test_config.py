@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from camserve.torchserve.config import (
     render_config,
 )
 from camserve.torchserve.process import TorchServe
+
+from .user_model import MODULE, NAME, write_user_model
 
 TEMPLATE = resources.config_template().read_text()
 
@@ -148,3 +151,29 @@ def test_cli_print_config_starts_nothing(
     assert not run.exists()
     assert main([*argv, "--models", "zz"]) == 1
     assert "no archive for model(s) ['zz']" in capsys.readouterr().err
+
+
+def test_cli_model_spec_is_checked_archived_and_served(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = tmp_path / "user"
+    good = write_user_model(user)
+    monkeypatch.syspath_prepend(str(user))
+    monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    store = tmp_path / "store"
+    argv = ["serve", "--print-config", "--model-store", str(store), "--run-dir", str(tmp_path)]
+    # Alone (--models <its name>): archived into the store and the only model served.
+    assert main([*argv, "--model", str(good), "--models", NAME]) == 0
+    out = capsys.readouterr().out
+    assert (store / f"{NAME}.mar").is_file()
+    assert parse_properties(out[out.index("# Written") :])["load_models"] == f"{NAME}={NAME}.mar"
+
+    bad = write_user_model(tmp_path / "bad", layer="features.9")
+    (store / f"{NAME}.mar").unlink()
+    assert main([*argv, "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "'layer'" in err and "features.9" in err
+    assert not (store / f"{NAME}.mar").exists()
+    assert main([*argv, "--model", "no_such_model"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err and "efficientnet_lite0" in err
