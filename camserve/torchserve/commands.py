@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,28 @@ from camserve.torchserve.process import TorchServe, stop_signals
 __all__ = ["register"]
 
 
-def _store(args: argparse.Namespace) -> Path:
-    return Path(args.model_store).resolve()
+def _folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The model store and TorchServe's run folder: the options, else the settings.
+
+    TorchServe's run folder is ``torchserve/`` in the settings' run folder.
+
+    Raises:
+        CamserveError: a settings file or ``CAMSERVE_*`` variable is wrong.
+    """
+    from camserve.service.settings import load_settings
+
+    store, run = getattr(args, "model_store", None), getattr(args, "run_dir", None)
+    if store is None or run is None:
+        settings = load_settings()
+        store = store or settings.model_store
+        run = run or settings.run_dir / "torchserve"
+    return Path(store).resolve(), Path(run).resolve()
 
 
 def _build_models(args: argparse.Namespace) -> int:
     from camserve.torchserve.archive import build_zoo, build_zoo_archives, write_examples
 
-    store = _store(args)
+    store, _ = _folders(args)
     build_zoo(store, force=args.force)
     for mar in build_zoo_archives(store):
         print(f"[camserve] archived {mar}")
@@ -32,9 +48,10 @@ def _build_models(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> ServeConfig:
+    store, run = _folders(args)
     return ServeConfig(
-        model_store=_store(args),
-        run_dir=Path(args.run_dir).resolve(),
+        model_store=store,
+        run_dir=run,
         host=args.host,
         inference_port=args.port,
         management_port=args.port + 1,
@@ -76,11 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("[camserve] refusing to turn token auth off on a non-loopback address")
         return 2
     if args.model:
-        try:
-            extra = _archive_specs(args.model, config.model_store)
-        except CamserveError as exc:
-            print(f"[camserve] --model: {exc}", file=sys.stderr)
-            return 2
+        extra = _archive_specs(args.model, config.model_store)
         if config.models is not None:
             models = list(dict.fromkeys([*config.models, *extra]))
             config = dataclasses.replace(config, models=models)
@@ -110,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     print("[camserve] try (any PNG/JPEG; model_store/examples/ has some):")
     print("  " + server.curl_example(example, _example_image(server.config.model_store)))
     if args.background:
-        print(f"[camserve] in the background; stop: camserve stop --run-dir {args.run_dir}")
+        print(f"[camserve] in the background; stop: camserve stop --run-dir {server.run_dir}")
         return 0
     print("[camserve] Ctrl-C stops it")
     code = server.serve_forever()
@@ -126,7 +139,8 @@ def _example_image(store: Path) -> str:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    server = TorchServe(ServeConfig(run_dir=Path(args.run_dir).resolve()))
+    _, run = _folders(args)
+    server = TorchServe(ServeConfig(run_dir=run))
     if server.running_pid() is None:
         print(f"[camserve] no TorchServe runs from {server.run_dir}")
         return 0
@@ -135,21 +149,33 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Runs ``command``; a wrong setting, spec or model name prints its message, exit code 2."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except CamserveError as exc:
+            print(f"[camserve] {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def register(sub: Any) -> None:
     """Adds the serving subcommands to the top-level parser's subparsers."""
-    default_store = str(ServeConfig.model_store)
-    default_run = str(ServeConfig.run_dir)
+    store_help = "default: the model_store setting (./model_store)"
+    run_help = "logs, pid and key files; default: torchserve/ in the run_dir setting (./var)"
 
     p = sub.add_parser("build-models", help="train the demo models if missing, archive them")
-    p.add_argument("--model-store", default=default_store, help="default: ./model_store")
+    p.add_argument("--model-store", help=store_help)
     p.add_argument("--force", action="store_true", help="retrain even if models exist")
-    p.set_defaults(func=_build_models)
+    p.set_defaults(func=_user_errors(_build_models))
 
     p = sub.add_parser("serve", help="start TorchServe with the archived models")
-    p.add_argument("--model-store", default=default_store, help="default: ./model_store")
-    p.add_argument(
-        "--run-dir", default=default_run, help="logs, pid and key files; default: ./var/torchserve"
-    )
+    p.add_argument("--model-store", help=store_help)
+    p.add_argument("--run-dir", help=run_help)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="inference; +1 management, +2 metrics")
     p.add_argument("--grpc-port", type=int, default=7070, help="gRPC inference; +1 management")
@@ -179,8 +205,8 @@ def register(sub: Any) -> None:
         action="store_true",
         help="print the config.properties this would run with, start nothing",
     )
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_user_errors(_serve))
 
     p = sub.add_parser("stop", help="stop the TorchServe started from a run folder")
-    p.add_argument("--run-dir", default=default_run)
-    p.set_defaults(func=_stop)
+    p.add_argument("--run-dir", help=run_help)
+    p.set_defaults(func=_user_errors(_stop))

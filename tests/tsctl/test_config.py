@@ -130,7 +130,7 @@ def test_cli_subcommands() -> None:
     parser = build_parser()
     args = parser.parse_args(["serve", "--no-token-auth", "--port", "9000", "--batch-size", "2"])
     assert args.no_token_auth and args.port == 9000 and args.batch_size == 2
-    assert args.model_store == "model_store" and args.run_dir == str(Path("var/torchserve"))
+    assert args.model_store is None and args.run_dir is None  # the settings decide
     assert parser.parse_args(["stop"]).func.__name__ == "_stop"
     assert parser.parse_args(["build-models", "--force"]).force
 
@@ -177,3 +177,22 @@ def test_cli_model_spec_is_checked_archived_and_served(
     assert main([*argv, "--model", "no_such_model"]) == 2
     err = capsys.readouterr().err
     assert "no_such_model" in err and "efficientnet_lite0" in err
+
+
+def test_cli_folders_come_from_the_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.mar").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CAMSERVE_MODEL_STORE", "store")
+    monkeypatch.setenv("CAMSERVE_RUN_DIR", "state")
+    assert main(["serve", "--print-config"]) == 0
+    assert parse_properties(capsys.readouterr().out)["model_store"] == str(store)
+    ts = TorchServe(ServeConfig(run_dir=tmp_path / "state" / "torchserve"))
+    assert main(["stop"]) == 0
+    assert f"no TorchServe runs from {ts.run_dir}" in capsys.readouterr().out
+    monkeypatch.setenv("CAMSERVE_MAX_METHODS", "zero")
+    assert main(["serve", "--print-config"]) == 2
+    assert "max_methods" in capsys.readouterr().err
