@@ -1,4 +1,4 @@
-"""An installed (non-editable) camserve archives and serves from any folder.
+"""An installed (non-editable) camserve explains, archives and serves from any folder.
 
 The wheel is built from a copy of what the Dockerfile's wheel stage copies
 (``pip wheel --no-deps``, as the image does) and installed into a fresh venv
@@ -104,42 +104,41 @@ def test_installed_camserve_comes_from_the_wheel(venv: Path, tmp_path: Path) -> 
     assert Path(out.strip()).resolve().is_relative_to(venv.resolve()), out
 
 
-def test_installed_camserve_renders_archives_and_serves(venv: Path, tmp_path: Path) -> None:
+def test_installed_camserve_explains_archives_renders_and_serves(
+    venv: Path, tmp_path: Path
+) -> None:
     name = model_of("classifier")
     env = venv_env(venv)
+    env["CAMSERVE_MODEL_STORE"] = "store"
     work = tmp_path / "elsewhere"
     store = work / "store"
     store.mkdir(parents=True)
-    for suffix in (".toml", ".pt"):
+    for suffix in (".toml", ".pt"):  # the model's spec and weights, as a user would have them
         shutil.copy(STORE / f"{name}{suffix}", store)
-    py = str(venv / "bin" / "python")
-    run(
-        [
-            py,
-            "-c",
-            "from camserve.models import read_spec; "
-            "from camserve.torchserve.archive import build_archive; "
-            f"build_archive(read_spec('store/{name}.toml'), 'store')",
-        ],
-        work,
-        env,
-    )
-    assert (store / f"{name}.mar").is_file()
-
+    image = work / "scene.png"
+    image.write_bytes(scene_png()[0])
     camserve = str(venv / "bin" / "camserve")
-    props = parse_properties(
-        run([camserve, "serve", "--print-config", "--model-store", "store"], work, env)
-    )
+
+    explain = [camserve, "explain", "scene.png", "--model", name, "--out", "out", "--quiet"]
+    explain += ["--model-store", "store"]
+    run(explain, work, env)
+    report = json.loads((work / "out" / "explanations.json").read_text())
+    assert report["results"][0]["predictions"], report
+    assert list((work / "out").glob("*.png"))
+
+    # --model archives the spec into the store; the config is rendered, nothing started.
+    text = run([camserve, "serve", "--print-config", "--model", name], work, env)
+    props = parse_properties(text[text.index("# Written") :])
+    assert (store / f"{name}.mar").is_file()
     assert props["model_store"] == str(store) and props["load_models"] == f"{name}={name}.mar"
     assert Path(props["metrics_config"]).resolve().is_relative_to(venv.resolve())
+    assert not (work / "var").exists()
 
     port, grpc_port = free_run(3), free_run(2) + 1000
     serve = [
         camserve,
         "serve",
         "--background",
-        "--model-store",
-        "store",
         "--models",
         name,
         "--port",
