@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -168,8 +167,8 @@ def _check_options(req: ExplainRequest) -> None:
                 raise UnknownNameError(f"{method}.{name} value", value, allowed)
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidRequestError(f"option {method}.{name} must be finite, got {value!r}")
-        checked[method] = MappingProxyType(dict(opts))
-    _set(req, "options", MappingProxyType(checked))
+        checked[method] = dict(opts)
+    _set(req, "options", checked)  # a copy: the caller's mapping may change later
 
 
 def _check_tensor(tensor: object) -> None:
