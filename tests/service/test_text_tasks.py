@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from camserve.codecs.http import decode_map
 from camserve.engine import Explainer
 from camserve.service.images import decode_image
-from camserve.service.tasks import CaptionTask, VQATask
+from camserve.service.text_tasks import CaptionTask, VQATask
 
 from .conftest import TRANSFORM, JsonRunner, json_item, png
 
