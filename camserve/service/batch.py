@@ -140,6 +140,8 @@ class ModelBatch:
             shape = tuple(req.tensor.shape)
             if shape != (3, h, w):
                 raise InvalidRequestError(f"tensor must have shape (3, {h}, {w}), got {shape}")
+            if req.output == "png":
+                raise InvalidRequestError("output 'png' overlays an image: give image, not tensor")
             x = torch.from_numpy(np.ascontiguousarray(req.tensor))
             resized = None
             size = (w, h)
@@ -221,8 +223,7 @@ class ModelBatch:
                     elif req.output == "normalized":
                         data = norm
                     elif req.output == "png":
-                        if it.resized is None:
-                            raise InvalidRequestError("output 'png' needs an image, not a tensor")
+                        assert it.resized is not None  # admitted with an image
                         png = overlay_png(norm, it.resized)
                     maps[m] = MapResult(m, resolved[m], data=data, png=png, box=box)
                 done.append(_with_maps(target.result, maps))
