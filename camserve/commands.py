@@ -87,8 +87,8 @@ def explain_images(
         top_k: classes to explain per image (classifiers).
         layer: the layer to explain (default: the model's).
         question: the question (VQA models).
-        store: the model store (default ``./model_store``).
-        device: ``cpu``, ``cuda``... (default: the settings' device).
+        store: the model store (default: the settings' ``model_store``).
+        device: ``cpu``, ``cuda``... (default: the settings' ``device``).
         batch_size: images per engine call.
         progress: show a progress bar on stderr.
 
@@ -99,11 +99,12 @@ def explain_images(
         CamserveError: an unknown model or a wrong spec (per-image errors go to the JSON).
     """
     from camserve.models import resolve
-    from camserve.service import ExplainError, ExplainRequest, ExplainService
+    from camserve.service import ExplainError, ExplainRequest, ExplainService, load_settings
     from camserve.service.images import decode_image
 
-    spec = resolve(model, store)
-    service = ExplainService.from_specs([spec], device=device)
+    settings = load_settings()
+    spec = resolve(model, store if store is not None else settings.model_store)
+    service = ExplainService.from_specs([spec], device=device, settings=settings)
     kind = service.describe(spec.name).kind
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
