@@ -432,13 +432,24 @@ def test_layers_given_as_module_objects() -> None:
 
 
 # -------------------------------------------------------------- 7. compiled
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "eager",
+        "aot_eager",
+        pytest.param(  # importing inductor warns from inside torch
+            "inductor",
+            marks=pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning"),
+        ),
+    ],
+)
 def test_compiled_models_are_explained_through_the_original_module(backend: str) -> None:
     model = vgg_net()
     x = images(2).float()
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        compiled(x)  # it has run once
+    if backend != "inductor":  # inductor compiles for a minute on 2 cores; the engine never runs it
+        with torch.no_grad():
+            compiled(x)  # it has run once
     methods = ["gradcam", "guided_backprop", "guided_gradcam", "integrated_gradients"]
     want = Explainer(model, "features.3").explain(x, methods=methods, targets=2)
     for layer in ("features.3", "_orig_mod.features.3", compiled._orig_mod.features[3]):
