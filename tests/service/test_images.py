@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms
 
+from camserve.codecs.http import http_status
 from camserve.errors import ImageTooLargeError, InvalidImageError
-from camserve.serving.images import (
+from camserve.service.images import (
     BACKGROUND,
     DecodedImage,
     ImageLimits,
@@ -86,7 +87,7 @@ def test_bad_bytes_are_invalid_image(data: bytes, needle: str) -> None:
     with pytest.raises(InvalidImageError, match=needle) as info:
         decode_image(data)
     assert not isinstance(info.value, ImageTooLargeError)
-    assert info.value.http_status == 400
+    assert http_status(info.value) == 400
 
 
 def test_other_formats_are_refused_by_name() -> None:
@@ -114,7 +115,7 @@ def test_pixel_cap_from_header_before_decoding() -> None:
         ImageTooLargeError, match="5000x5000 = 25000000 pixels; the limit is 10000000"
     ) as info:
         decode_image(png_header_only(5000, 5000), ImageLimits(max_pixels=10_000_000))
-    assert info.value.http_status == 413
+    assert http_status(info.value) == 413
 
 
 def test_decompression_bomb_is_too_large_even_with_a_generous_cap() -> None:
