@@ -132,6 +132,12 @@ class ExplainerCache:
     Args:
         model: the model (in eval mode).
         device: where inputs go (default: the model's parameters' device).
+
+    Attributes:
+        dtype: the floating dtype of the model's inputs: that of its first
+            floating-point parameter (or buffer), float32 when it has none.
+            The service casts its float32 inputs to it, so a bfloat16 or
+            float16 model gets inputs it can run (maps stay float32).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str | None = None) -> None:
@@ -140,6 +146,7 @@ class ExplainerCache:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
         self.device = torch.device(device)
+        self.dtype = input_dtype(model)
         self._explainers: dict[str, Explainer] = {}
         self.layers = sorted(name for name, _ in model.named_modules() if name)
         self._known = frozenset(self.layers)
@@ -174,8 +181,20 @@ def top_predictions(
     )
 
 
-def _stack(items: Sequence[Item], device: torch.device) -> Tensor:
-    return torch.stack([it.x for it in items]).to(device)
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's image input must have: its first floating parameter's (or buffer's).
+
+    float32 for a model without floating-point parameters or buffers.
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _stack(items: Sequence[Item], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The items' float32 inputs as one batch ``(N, 3, H, W)`` on the model's device and dtype."""
+    return torch.stack([it.x for it in items]).to(device=device, dtype=dtype)
 
 
 def _refuse(item: Item, fields: Sequence[str], kind: str) -> None:
@@ -201,6 +220,11 @@ class _Base:
     def device(self) -> torch.device:
         """Where the model runs."""
         return self._cache.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's image input (see :func:`input_dtype`)."""
+        return self._cache.dtype
 
     def explainer(self, layer: str) -> Explainer:
         """The explainer for ``layer``."""
@@ -269,7 +293,7 @@ class ClassifierTask(_Base):
 
     def call(self, items: Sequence[Item]) -> EngineCall:
         """One call: the top max-k classes, or every item's ids padded to a common count."""
-        x = _stack(items, self.device)
+        x = _stack(items, self.device, self.dtype)
         score = items[0].request.score
         if not items[0].extra["ids"]:
             return EngineCall(x, max(int(it.extra["k"]) for it in items), score)
@@ -306,7 +330,7 @@ class ClassifierTask(_Base):
         """The top classes of every item."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(_stack(items, self.device)).float()
+            logits = self.model(_stack(items, self.device, self.dtype)).float()
         probs = F.softmax(logits, dim=-1)
         heads = [
             self._head(probs[i], logits[i], len(it.extra["ids"]) or int(it.extra["k"]))
@@ -374,7 +398,7 @@ class CaptionTask(_Base):
 
     def call(self, items: Sequence[Item]) -> EngineCall:
         """Generates the captions, then asks for word and caption log-probabilities."""
-        x = _stack(items, self.device)
+        x = _stack(items, self.device, self.dtype)
         generate_s = self._captions(items, x)
         rows = [[*it.extra["word_ids"], self.eos_id] for it in items]
         width = max(len(r) for r in rows)
@@ -387,7 +411,8 @@ class CaptionTask(_Base):
         def score(logits: Tensor, rows: Tensor) -> Tensor:
             """(B, T + 1): log p of each caption token, then the whole caption's sum."""
             tok = tokens[rows]
-            lp = F.log_softmax(logits, dim=-1).gather(2, tok.unsqueeze(-1)).squeeze(-1)
+            # float32 log-probabilities whatever the model's dtype (sums of many words).
+            lp = F.log_softmax(logits.float(), dim=-1).gather(2, tok.unsqueeze(-1)).squeeze(-1)
             lp = torch.where(real[rows], lp, torch.zeros_like(lp))
             return torch.cat([lp, lp.sum(dim=1, keepdim=True)], dim=1)
 
@@ -416,7 +441,7 @@ class CaptionTask(_Base):
 
     def predict(self, items: Sequence[Item]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """The generated captions."""
-        generate_s = self._captions(items, _stack(items, self.device))
+        generate_s = self._captions(items, _stack(items, self.device, self.dtype))
         return [self._head(it) for it in items], {"generate": generate_s}
 
 
@@ -480,7 +505,7 @@ class VQATask(_Base):
         return "vqa"
 
     def _inputs(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
-        x = _stack(items, self.device)
+        x = _stack(items, self.device, self.dtype)
         width = max(len(it.extra["question_ids"]) for it in items)
         q = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         for i, it in enumerate(items):
