@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer
+from camserve.models.spec import ModelSpec
 from camserve.service import ExplainRequest, ExplainResult, ExplainService
 from camserve.service.images import decode_image
 from camserve.service.tasks import CaptionTask, VQATask, input_dtype
@@ -135,3 +138,51 @@ def test_low_precision_captioner_and_vqa(dtype: torch.dtype) -> None:
             assert np.isfinite(target.score)
             data = target.maps["gradcam"].data
             assert data is not None and data.dtype == np.float32 and np.isfinite(data).all()
+
+
+LOW_NET = """
+import torch
+from torch import nn
+
+
+def make(dtype: str = "bfloat16") -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    return net.to(getattr(torch, dtype))
+"""
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_a_users_low_precision_model_from_a_spec(
+    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "lowprecnets.py").write_text(LOW_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("lowprecnets", None)
+    name = str(dtype).removeprefix("torch.")
+    # float32 weights, as training saved them: cast as they load into the model.
+    import lowprecnets  # type: ignore[import-not-found]
+
+    torch.save(lowprecnets.make("float32").state_dict(), tmp_path / "net.pt")
+    spec = ModelSpec(
+        name="low",
+        kind="classifier",
+        layer="0",
+        input_size=(3, 16, 16),
+        labels=("a", "b", "c"),
+        factory="lowprecnets:make",
+        factory_kwargs={"dtype": name},
+        weights=tmp_path / "net.pt",
+    )
+    try:
+        service = ExplainService.from_specs([spec], device="cpu", settings=SETTINGS)
+        [out] = service.run([ExplainRequest(model="low", image=png(7), top_k=3)])
+    finally:
+        sys.modules.pop("lowprecnets", None)
+    assert isinstance(out, ExplainResult), out
+    assert [t.label for t in out.targets] == [p.label for p in out.predictions][:3]
+    data = out.targets[0].maps["gradcam"].data
+    assert data is not None and data.dtype == np.float32 and np.isfinite(data).all()
