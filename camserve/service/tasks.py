@@ -135,6 +135,7 @@ class ExplainerCache:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
         self.device = torch.device(device)
+        self.dtype = input_dtype(model)
         self._explainers: dict[str, Explainer] = {}
         self.layers = sorted(name for name, _ in model.named_modules() if name)
         self._known = frozenset(self.layers)
@@ -169,9 +170,22 @@ def top_predictions(
     )
 
 
-def stack_inputs(items: Sequence[Item], device: torch.device) -> Tensor:
-    """The items' model inputs as one batch ``(N, 3, H, W)`` on ``device``."""
-    return torch.stack([it.x for it in items]).to(device)
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's image input must have: its first floating parameter's (or buffer's).
+
+    float32 for a model without floating-point parameters or buffers. The service
+    casts its float32 inputs to it, so a bfloat16 or float16 model gets inputs it
+    can run (maps stay float32).
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def stack_inputs(items: Sequence[Item], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The items' float32 inputs as one batch ``(N, 3, H, W)`` on the model's device and dtype."""
+    return torch.stack([it.x for it in items]).to(device=device, dtype=dtype)
 
 
 def refuse(item: Item, fields: Sequence[str], kind: str) -> None:
@@ -200,6 +214,11 @@ class TaskBase:
     def device(self) -> torch.device:
         """Where the model runs."""
         return self._cache.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's image input (see :func:`input_dtype`)."""
+        return self._cache.dtype
 
     def explainer(self, layer: str) -> Explainer:
         """The explainer for ``layer``."""
@@ -268,7 +287,7 @@ class ClassifierTask(TaskBase):
 
     def call(self, items: Sequence[Item]) -> EngineCall:
         """One call: the top max-k classes, or every item's ids padded to a common count."""
-        x = stack_inputs(items, self.device)
+        x = stack_inputs(items, self.device, self.dtype)
         score = items[0].request.score
         if not items[0].extra["ids"]:
             return EngineCall(x, max(int(it.extra["k"]) for it in items), score)
@@ -305,7 +324,7 @@ class ClassifierTask(TaskBase):
         """The top classes of every item."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(stack_inputs(items, self.device)).float()
+            logits = self.model(stack_inputs(items, self.device, self.dtype)).float()
         probs = F.softmax(logits, dim=-1)
         heads = [
             self._head(probs[i], logits[i], len(it.extra["ids"]) or int(it.extra["k"]))

@@ -98,7 +98,7 @@ class CaptionTask(TaskBase):
 
     def call(self, items: Sequence[Item]) -> EngineCall:
         """Generates the captions, then asks for word and caption log-probabilities."""
-        x = stack_inputs(items, self.device)
+        x = stack_inputs(items, self.device, self.dtype)
         generate_s = self._captions(items, x)
         rows = [[*it.extra["word_ids"], self.eos_id] for it in items]
         width = max(len(r) for r in rows)
@@ -111,7 +111,8 @@ class CaptionTask(TaskBase):
         def score(logits: Tensor, rows: Tensor) -> Tensor:
             """(B, T + 1): log p of each caption token, then the whole caption's sum."""
             tok = tokens[rows]
-            lp = F.log_softmax(logits, dim=-1).gather(2, tok.unsqueeze(-1)).squeeze(-1)
+            # float32 log-probabilities whatever the model's dtype (sums of many words).
+            lp = F.log_softmax(logits.float(), dim=-1).gather(2, tok.unsqueeze(-1)).squeeze(-1)
             lp = torch.where(real[rows], lp, torch.zeros_like(lp))
             return torch.cat([lp, lp.sum(dim=1, keepdim=True)], dim=1)
 
@@ -140,7 +141,7 @@ class CaptionTask(TaskBase):
 
     def predict(self, items: Sequence[Item]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """The generated captions."""
-        generate_s = self._captions(items, stack_inputs(items, self.device))
+        generate_s = self._captions(items, stack_inputs(items, self.device, self.dtype))
         return [self._head(it) for it in items], {"generate": generate_s}
 
 
@@ -204,7 +205,7 @@ class VQATask(TaskBase):
         return "vqa"
 
     def _inputs(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
-        x = stack_inputs(items, self.device)
+        x = stack_inputs(items, self.device, self.dtype)
         width = max(len(it.extra["question_ids"]) for it in items)
         q = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         for i, it in enumerate(items):
