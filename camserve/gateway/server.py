@@ -119,6 +119,7 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._health_task: asyncio.Task[None] | None = None
+        self._health_names: set[str] = set()
         self._metrics_server: Any = None
 
     async def start(self) -> None:
@@ -169,8 +170,11 @@ class Gateway:
         try:
             names = await asyncio.to_thread(self.dispatcher.refresh)
             ready = {n: await asyncio.to_thread(self.backend.ready, n) for n in sorted(names)}
-        except Exception:
-            names, ready = frozenset(), {}
+        except Exception:  # the backend cannot be reached: every model it had is down
+            ready = {}
+        for name in self._health_names - set(ready):
+            ready[name] = False
+        self._health_names |= set(ready)
         for name, ok in ready.items():
             await self._health.set(name, serving if ok else not_serving)
         overall = serving if ready and all(ready.values()) else not_serving
