@@ -27,9 +27,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from camserve.errors import CamserveError, DeadlineExceededError, OverloadedError, UnknownNameError
+from camserve.errors import (
+    CamserveError,
+    DeadlineExceededError,
+    InternalError,
+    OverloadedError,
+    UnavailableError,
+    UnknownNameError,
+)
 from camserve.gateway.metrics import GatewayMetrics
-from camserve.gateway.status import InternalError, UnavailableError
 from camserve.service.outcomes import ExplainError, Outcome
 from camserve.service.request import ExplainRequest
 

@@ -103,16 +103,19 @@ class Gateway:
     Args:
         backend: what answers the items.
         settings: the gateway's settings.
+        registry: the Prometheus registry of the gateway's metrics (default: a
+            new one); give the one the backend's service records to, so that its
+            stage metrics are served too.
 
     Attributes:
         port: the bound gRPC port (after :meth:`start`).
         metrics_port: the bound metrics port, or None when metrics are off.
     """
 
-    def __init__(self, backend: Backend, settings: GatewaySettings) -> None:
+    def __init__(self, backend: Backend, settings: GatewaySettings, registry: Any = None) -> None:
         self.backend = backend
         self.settings = settings
-        self.metrics = GatewayMetrics(backend.device)
+        self.metrics = GatewayMetrics(backend.device, registry)
         self.port = 0
         self.metrics_port: int | None = None
         self.dispatcher: Dispatcher | None = None
@@ -212,7 +215,10 @@ class Gateway:
 
 
 def serve(
-    backend: Backend, settings: GatewaySettings, ready: Callable[[Gateway], None] | None = None
+    backend: Backend,
+    settings: GatewaySettings,
+    ready: Callable[[Gateway], None] | None = None,
+    registry: Any = None,
 ) -> None:
     """Runs a gateway in the foreground until SIGINT or SIGTERM, then stops it gracefully.
 
@@ -220,10 +226,11 @@ def serve(
         backend: what answers the items.
         settings: the gateway's settings.
         ready: called once the ports are bound (prints the addresses in the CLI).
+        registry: the Prometheus registry (see :class:`Gateway`).
     """
 
     async def main() -> None:
-        gateway = Gateway(backend, settings)
+        gateway = Gateway(backend, settings, registry)
         await gateway.start()
         if ready is not None:
             ready(gateway)
@@ -291,4 +298,3 @@ class BackgroundGateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

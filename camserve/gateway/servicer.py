@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from camserve.errors import CamserveError, InvalidRequestError, UnknownNameError
+from camserve.errors import CamserveError, InvalidRequestError, UnavailableError, UnknownNameError
 from camserve.gateway.backends import Backend, ModelDescription
 from camserve.gateway.batcher import Dispatcher
 from camserve.gateway.convert import model_info_of, request_from_proto, response_of
 from camserve.gateway.metrics import GatewayMetrics
 from camserve.gateway.proto import pb, pb_grpc
-from camserve.gateway.status import UnavailableError, code_of, status_of
+from camserve.gateway.status import code_of, status_of
 from camserve.service.outcomes import ExplainError, ExplainResult, Outcome
 
 __all__ = ["ExplanationServicer"]

@@ -37,7 +37,10 @@ class GatewaySettings(BaseSettings):
         backend: ``inprocess`` (the service in the gateway's process) or
             ``torchserve`` (TorchServe's gRPC inference API at ``torchserve_address``).
         torchserve_address: ``host:port`` of TorchServe's gRPC inference API.
-        torchserve_token: TorchServe's inference key (token authorization on).
+        torchserve_management_address: ``host:port`` of its gRPC management API.
+        torchserve_key_file: TorchServe's ``key_file.json`` (token authorization on;
+            read again for every call, TorchServe renews its keys).
+        torchserve_token: a fixed inference key instead of the key file.
         max_batch_size: most items of one model per backend call (1: no batching).
         max_batch_delay_ms: how long the first item of a batch may wait for more
             (0: a batch is whatever queued while the previous one ran).
@@ -60,6 +63,8 @@ class GatewaySettings(BaseSettings):
     metrics_port: int | None = Field(9095, ge=0, le=65535)
     backend: Literal["inprocess", "torchserve"] = "inprocess"
     torchserve_address: str = "127.0.0.1:7070"
+    torchserve_management_address: str = "127.0.0.1:7071"
+    torchserve_key_file: Path | None = None
     torchserve_token: SecretStr | None = None
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)

@@ -14,8 +14,11 @@ from google.rpc import status_pb2
 from camserve.errors import (
     CamserveError,
     DeadlineExceededError,
+    InternalError,
     InvalidRequestError,
+    ModelFailureError,
     OverloadedError,
+    UnavailableError,
     UnknownNameError,
 )
 
@@ -28,18 +31,6 @@ __all__ = [
     "error_of",
     "status_of",
 ]
-
-
-class UnavailableError(CamserveError):
-    """The backend cannot be reached, or the server is shutting down; retrying may help."""
-
-
-class ModelFailureError(CamserveError):
-    """The model failed on a valid request (not the caller's mistake)."""
-
-
-class InternalError(CamserveError):
-    """An unexpected failure of the server."""
 
 
 _TABLE: tuple[tuple[type[CamserveError], grpc.StatusCode], ...] = (

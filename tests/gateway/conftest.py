@@ -21,7 +21,13 @@ from torch import nn
 
 from camserve.engine import Explainer
 from camserve.engine.methods import METHOD_SPECS, list_methods
-from camserve.errors import CamserveError, InvalidImageError, InvalidRequestError, UnknownNameError
+from camserve.errors import (
+    CamserveError,
+    InvalidImageError,
+    InvalidRequestError,
+    UnavailableError,
+    UnknownNameError,
+)
 from camserve.gateway.backends import (
     MethodDescription,
     ModelDescription,
@@ -29,7 +35,6 @@ from camserve.gateway.backends import (
 )
 from camserve.gateway.server import BackgroundGateway
 from camserve.gateway.settings import GatewaySettings
-from camserve.gateway.status import UnavailableError
 from camserve.service.outcomes import (
     ExplainError,
     ExplainResult,

@@ -12,11 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from camserve.client import AsyncClient, Client
-from camserve.errors import InvalidRequestError
+from camserve.errors import InvalidRequestError, UnavailableError
 from camserve.gateway.convert import tensor_of
 from camserve.gateway.proto import SERVICE_NAME, pb, pb_grpc
 from camserve.gateway.server import BackgroundGateway
-from camserve.gateway.status import UnavailableError
 from camserve.service.outcomes import ExplainError, ExplainResult
 from camserve.service.request import ExplainRequest
 from tests.gateway.conftest import LABELS, SIZE, EngineBackend, png, start

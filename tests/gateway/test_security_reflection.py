@@ -19,12 +19,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from pydantic import ValidationError
 
 from camserve.client import Client
-from camserve.errors import DeadlineExceededError
+from camserve.errors import DeadlineExceededError, UnavailableError
 from camserve.gateway.batcher import BatchPolicy, ModelQueue
 from camserve.gateway.proto import SERVICE_NAME, pb, pb_grpc
 from camserve.gateway.server import BackgroundGateway
 from camserve.gateway.settings import GatewaySettings
-from camserve.gateway.status import RemoteError, UnavailableError
+from camserve.gateway.status import RemoteError
 from camserve.service.outcomes import ExplainError
 from camserve.service.request import ExplainRequest
 from tests.gateway.conftest import LABELS, EngineBackend, png, start

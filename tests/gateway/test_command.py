@@ -1,0 +1,95 @@
+"""``camserve gateway`` as users run it: a subprocess on loopback, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from camserve.client import Client
+from camserve.service import ExplainRequest
+from tests.gateway.test_inprocess import SCENE, STORE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def test_gateway_command_serves_and_stops_gracefully() -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "camserve.cli",
+        "gateway",
+        "--model",
+        "resnet_gap",
+        "--model",
+        "vqa",
+        "--model-store",
+        str(STORE),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        address = None
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"listening on (\S+:\d+)", line)
+            if found:
+                address = found.group(1)
+                break
+        assert address is not None, "".join(lines)
+        with Client(address, timeout=60) as client:
+            result = client.explain(ExplainRequest("resnet_gap", image=SCENE, top_k=2))
+            assert len(result.targets) == 2
+            assert sorted(m.name for m in client.list_models()) == ["resnet_gap", "vqa"]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "gateway stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_gateway_command_refuses_a_public_address_without_a_token() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "camserve.cli",
+            "gateway",
+            "--host",
+            "0.0.0.0",
+            "--model",
+            "resnet_gap",
+            "--model-store",
+            str(STORE),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "loopback" in proc.stdout + proc.stderr
