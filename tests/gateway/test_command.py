@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_gateway_command_serves_and_stops_gracefully() -> None:
+def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -60,6 +61,38 @@ def test_gateway_command_serves_and_stops_gracefully() -> None:
             result = client.explain(ExplainRequest("resnet_gap", image=SCENE, top_k=2))
             assert len(result.targets) == 2
             assert sorted(m.name for m in client.list_models()) == ["resnet_gap", "vqa"]
+        explain = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "camserve.cli",
+                "explain",
+                str(STORE / "examples" / "scene_1.png"),
+                "--model",
+                "resnet_gap",
+                "--remote",
+                address,
+                "--top-k",
+                "2",
+                "--methods",
+                "gradcam,layercam",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert explain.returncode == 0, explain.stdout + explain.stderr
+        report = json.loads((tmp_path / "explanations.json").read_text())
+        (entry,) = report["results"]
+        assert len(entry["targets"]) == 2
+        assert set(entry["targets"][0]["maps"]) == {"gradcam", "layercam"}
+        assert all((tmp_path / m["figure"]).exists() for m in entry["targets"][0]["maps"].values())
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
