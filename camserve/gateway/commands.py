@@ -98,16 +98,25 @@ def _gateway(args: argparse.Namespace) -> int:
 
     def ready(gateway: Gateway) -> None:
         host = settings.host
-        print(f"[camserve] gateway listening on {host}:{gateway.port} ({settings.backend})")
+        print(f"[camserve] gateway listening on {host}:{gateway.port} ({settings.backend} backend)")
         if gateway.metrics_port is not None:
             print(f"[camserve] metrics on http://{host}:{gateway.metrics_port}/metrics")
-        names = backend.model_names() if settings.backend == "inprocess" else []
+        try:
+            names = backend.model_names()
+        except CamserveError as exc:
+            names = []
+            print(f"[camserve] the backend does not answer yet: {exc}")
         if names:
             print(f"[camserve] models: {', '.join(names)}")
+        example = "resnet_gap" if "resnet_gap" in names else (names[0] if names else "MODEL")
+        image = Path(args.model_store) / "examples" / "scene_0.png"
+        token = " --token $CAMSERVE_GATEWAY_TOKEN" if settings.token else ""
+        print("[camserve] try (writes figures and explanations.json into /tmp/camserve-remote):")
         print(
-            "[camserve] try: camserve explain model_store/examples/scene_0.png "
-            f"--model resnet_gap --remote {host}:{gateway.port}"
+            f"  {sys.executable} -m camserve.cli explain {image} --model {example} "
+            f"--remote {host}:{gateway.port}{token} --top-k 2 --out /tmp/camserve-remote"
         )
+        print("[camserve] Ctrl-C stops it")
         sys.stdout.flush()
 
     serve(backend, settings, ready, registry)
