@@ -94,6 +94,8 @@ def gateway(
     finally:
         proc.terminate()
         proc.wait(60)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 async def _throughput(address: str, request: ExplainRequest, clients: int, items: int) -> float:

@@ -1,8 +1,10 @@
 """The gateway's Prometheus metrics, served on its own port.
 
 Every metric has a ``device`` label (``cpu``, ``cuda:0``: where the backend runs).
-Latencies are histograms in seconds with buckets that fit explanation work
-(0.1 ms to 60 s).
+Latencies are histograms in seconds with the service's buckets
+(:data:`camserve.service.metrics.LATENCY_BUCKETS`, 0.1 ms to 60 s). With the
+in-process backend the service's own stage and method metrics are served from
+the same registry.
 
 | metric | type | labels |
 | --- | --- | --- |
@@ -22,13 +24,9 @@ from typing import Any
 
 import prometheus_client as prom
 
-__all__ = ["LATENCY_BUCKETS", "GatewayMetrics"]
+from camserve.service.metrics import LATENCY_BUCKETS
 
-LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
-"""Seconds: 0.1 ms to 60 s."""
+__all__ = ["GatewayMetrics"]
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,21 @@ def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
                 address = found.group(1)
                 break
         assert address is not None, "".join(lines)
+        metrics_line = proc.stdout.readline()
+        found = re.search(r"metrics on (http://\S+/metrics)", metrics_line)
+        assert found, metrics_line
         with Client(address, timeout=60) as client:
             result = client.explain(ExplainRequest("resnet_gap", image=SCENE, top_k=2))
             assert len(result.targets) == 2
             assert sorted(m.name for m in client.list_models()) == ["resnet_gap", "vqa"]
+        text = urllib.request.urlopen(found.group(1), timeout=30).read().decode()
+        assert (
+            'camserve_gateway_request_latency_seconds_count{device="cpu",kind="classifier"' in text
+        )
+        stage = (
+            'camserve_stage_latency_seconds_count{device="cpu",model="resnet_gap",stage="forward"}'
+        )
+        assert stage in text
         explain = subprocess.run(
             [
                 sys.executable,
@@ -101,6 +113,8 @@ def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_gateway_command_refuses_a_public_address_without_a_token() -> None:
