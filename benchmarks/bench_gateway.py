@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,6 +91,8 @@ def gateway(
                 break
         if address is None:
             raise RuntimeError(f"the gateway did not start (exit {proc.wait()})")
+        # keep reading its output, so that a full pipe never blocks it
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
         yield address
     finally:
         proc.terminate()
