@@ -81,6 +81,7 @@ def gateway(
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    drain = None
     try:
         address = None
         assert proc.stdout is not None
@@ -92,11 +93,14 @@ def gateway(
         if address is None:
             raise RuntimeError(f"the gateway did not start (exit {proc.wait()})")
         # keep reading its output, so that a full pipe never blocks it
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)
+        drain.start()
         yield address
     finally:
         proc.terminate()
         proc.wait(60)
+        if drain is not None:
+            drain.join(10)
         if proc.stdout is not None:
             proc.stdout.close()
 
