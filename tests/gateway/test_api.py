@@ -9,6 +9,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from camserve.client import AsyncClient, Client
@@ -293,3 +294,26 @@ def test_metrics_on_the_gateways_own_port(gateway: BackgroundGateway) -> None:
     assert 'camserve_gateway_batch_size_count{device="cpu",model="tiny"}' in text
     assert 'camserve_gateway_queue_seconds_count{device="cpu",model="tiny"}' in text
     assert 'camserve_gateway_in_flight{device="cpu",model="tiny"} 0.0' in text
+
+
+class Exploding(torch.nn.Module):
+    """A model that fails on every input (as a model with a bug does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("shape mismatch inside the model")
+
+
+def test_a_failing_model_is_internal_and_the_gateway_keeps_serving(backend: EngineBackend) -> None:
+    gw = start(backend)
+    try:
+        good = backend.model
+        backend.model = Exploding()
+        code, details = code_and_details(
+            lambda: stub(gw).Explain(pb.ExplainRequest(model="tiny", image=png(0)), timeout=30)
+        )
+        assert code == grpc.StatusCode.INTERNAL
+        assert "shape mismatch" not in details  # internals stay in the server's log
+        backend.model = good
+        assert stub(gw).Explain(pb.ExplainRequest(model="tiny", image=png(0)), timeout=30).targets
+    finally:
+        gw.stop()
