@@ -35,10 +35,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +68,24 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
+@dataclass
+class Served:
+    """A gateway subprocess: its address and its process (for its CPU time)."""
+
+    address: str
+    process: psutil.Process
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the gateway has used so far."""
+        t = self.process.cpu_times()
+        return float(t.user + t.system)
+
+
 @contextmanager
 def gateway(
     model: str, store: Path, batch: int, *extra: str, delay_ms: float = 0.0
-) -> Iterator[str]:
-    """``camserve gateway`` in a subprocess; yields its address."""
+) -> Iterator[Served]:
+    """``camserve gateway`` in a subprocess."""
     cmd = [
         sys.executable, "-m", "camserve.cli", "gateway", "--model", model,
         "--model-store", str(store), "--port", "0", "--no-metrics",
@@ -95,7 +110,7 @@ def gateway(
         # keep reading its output, so that a full pipe never blocks it
         drain = threading.Thread(target=proc.stdout.read, daemon=True)
         drain.start()
-        yield address
+        yield Served(address, psutil.Process(proc.pid))
     finally:
         proc.terminate()
         proc.wait(60)
@@ -105,10 +120,14 @@ def gateway(
             proc.stdout.close()
 
 
-async def _throughput(address: str, request: ExplainRequest, clients: int, items: int) -> float:
-    async with AsyncClient(address, timeout=600) as client:
-        await client.explain(request)  # warm
+async def _throughput(
+    gw: Served, request: ExplainRequest, clients: int, items: int
+) -> tuple[float, float, float]:
+    async with AsyncClient(gw.address, timeout=600) as client:
+        for _ in range(3):  # warm: channel, first batches
+            await client.explain(request)
         left = items
+        cpu0, own0 = gw.cpu(), time.process_time()
         start = time.perf_counter()
 
         async def worker() -> None:
@@ -119,11 +138,28 @@ async def _throughput(address: str, request: ExplainRequest, clients: int, items
                 assert isinstance(result, ExplainResult)
 
         await asyncio.gather(*(worker() for _ in range(clients)))
-        return items / (time.perf_counter() - start)
+        rate = items / (time.perf_counter() - start)
+        gateway_cpu, client_cpu = gw.cpu() - cpu0, time.process_time() - own0
+        return rate, gateway_cpu / items * 1000, client_cpu / items * 1000
 
 
-def throughput(address: str, request: ExplainRequest, clients: int, items: int) -> float:
-    return asyncio.run(_throughput(address, request, clients, items))
+def throughput(
+    gw: Served, request: ExplainRequest, clients: int, items: int
+) -> tuple[float, float, float]:
+    """(items per second, CPU milliseconds per item of the gateway, and of the client).
+
+    CPU time does not grow with the machine's load the way wall time does.
+    """
+    return asyncio.run(_throughput(gw, request, clients, items))
+
+
+def cpu_per_call(call: Any, n: int, gw: Served | None = None) -> float:
+    """CPU milliseconds per call, of this process and of the gateway if given."""
+    cpu0, own0 = gw.cpu() if gw else 0.0, time.process_time()
+    for _ in range(n):
+        call()
+    cpu = (gw.cpu() - cpu0 if gw else 0.0) + time.process_time() - own0
+    return cpu / n * 1000
 
 
 @contextmanager
@@ -212,31 +248,51 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         on = stack.enter_context(gateway(args.model, store, 16))
         off = stack.enter_context(gateway(args.model, store, 1))
-        client = stack.enter_context(Client(on, timeout=600))
+        client = stack.enter_context(Client(on.address, timeout=600))
         lat = interleaved(
             {"inprocess": lambda: backend.run([request]), "grpc": lambda: client.explain(request)},
             n,
             warmup,
         )
+        lat["inprocess"]["cpu_ms"] = cpu_per_call(lambda: backend.run([request]), n)
+        lat["grpc"]["cpu_ms"] = cpu_per_call(lambda: client.explain(request), n, on)
         results["latency"] = lat
         overhead = lat["grpc"]["paired_p50_overhead_ms"]
+        cpu_overhead = lat["grpc"]["cpu_ms"] - lat["inprocess"]["cpu_ms"]
         print(
             f"[latency] in-process p50 {lat['inprocess']['p50_ms']:.2f} ms p99 "
             f"{lat['inprocess']['p99_ms']:.2f} ms; gRPC p50 {lat['grpc']['p50_ms']:.2f} ms p99 "
-            f"{lat['grpc']['p99_ms']:.2f} ms; paired p50 overhead {overhead:.2f} ms"
+            f"{lat['grpc']['p99_ms']:.2f} ms; paired p50 overhead {overhead:.2f} ms; CPU per "
+            f"item {lat['inprocess']['cpu_ms']:.2f} ms in-process, {lat['grpc']['cpu_ms']:.2f} ms"
+            f" over gRPC (gateway + client): +{cpu_overhead:.2f} ms"
         )
         runs: dict[str, dict[int, list[float]]] = {"off": {}, "on": {}}
+        cpu_runs: dict[str, dict[int, list[float]]] = {"off": {}, "on": {}}
+        client_runs: dict[str, dict[int, list[float]]] = {"off": {}, "on": {}}
         for _ in range(rounds):
             for c in clients:
-                for label, address in (("off", off), ("on", on)):
-                    v = throughput(address, request, c, items_for(c))
+                for label, gw in (("off", off), ("on", on)):
+                    v, cpu, client_cpu = throughput(gw, request, c, items_for(c))
                     runs[label].setdefault(c, []).append(v)
+                    cpu_runs[label].setdefault(c, []).append(cpu)
+                    client_runs[label].setdefault(c, []).append(client_cpu)
         tput = {k: {c: statistics.median(v) for c, v in d.items()} for k, d in runs.items()}
+        cpu_med = {k: {c: statistics.median(v) for c, v in d.items()} for k, d in cpu_runs.items()}
         results["throughput"] = {
             "batching_off": tput["off"],
             "batching_on": tput["on"],
             "runs": runs,
+            "gateway_cpu_ms_per_item": cpu_med,
+            "gateway_cpu_runs": cpu_runs,
+            "client_cpu_runs": client_runs,
         }
+        for label in ("off", "on"):
+            print(
+                f"[cpu] batching {label}, the gateway's CPU ms per item: "
+                + ", ".join(f"{c} clients {v:.2f}" for c, v in cpu_med[label].items())
+            )
+        cpu_gain = {c: cpu_med["off"][c] / cpu_med["on"][c] for c in clients}
+        results["gateway_cpu_gain"] = cpu_gain
         gain = {c: tput["on"][c] / tput["off"][c] for c in clients}
         results["batching_gain"] = gain
         for label in ("off", "on"):
@@ -258,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--torchserve-key-file", str(ts.key_file),
             )  # fmt: skip
             remote = stack.enter_context(gateway(args.model, store, 16, *extra))
-            ts_client = stack.enter_context(Client(remote, timeout=600))
+            ts_client = stack.enter_context(Client(remote.address, timeout=600))
             ts_lat = interleaved(
                 {
                     "inprocess_backend": lambda: client.explain(request),
@@ -270,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             ts_runs: dict[str, dict[int, list[float]]] = {"inprocess": {}, "torchserve": {}}
             for _ in range(rounds):
                 for c in clients:
-                    for label, address in (("inprocess", on), ("torchserve", remote)):
-                        v = throughput(address, request, c, items_for(c))
+                    for label, gw in (("inprocess", on), ("torchserve", remote)):
+                        v, _, _ = throughput(gw, request, c, items_for(c))
                         ts_runs[label].setdefault(c, []).append(v)
             ts_tput = {
                 k: {c: statistics.median(v) for c, v in d.items()} for k, d in ts_runs.items()
@@ -288,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(f"{c} clients {v:.1f}/s" for c, v in ts_tput[label].items())
                 )
 
+    print(
+        "[cpu] the gateway's CPU per item, batching off / on: "
+        + ", ".join(f"{c} clients {g:.2f}x" for c, g in cpu_gain.items())
+    )
     print(
         f"Goals: p50 overhead {overhead:.2f} ms (<= 2 ms); batching gain at 16 clients "
         + (f"{gain[16]:.2f}x (>= 3x)" if 16 in clients else "n/a")
