@@ -164,7 +164,8 @@ def cpu_per_call(call: Any, n: int, gw: Served | None = None) -> float:
 
 @contextmanager
 def torchserve(model: str, store: Path) -> Iterator[Any]:
-    from camserve.serving.launcher import ServeConfig, TorchServe
+    from camserve.torchserve.config import ServeConfig
+    from camserve.torchserve.process import TorchServe
 
     with tempfile.TemporaryDirectory(prefix="camserve-bench-ts-") as tmp:
         server = TorchServe(

@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"camserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from camserve.serving import commands
+    from camserve.torchserve import commands
 
     commands.register(sub)
     from camserve import commands as local_commands

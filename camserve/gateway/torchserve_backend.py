@@ -67,7 +67,7 @@ class TorchServeBackend:
         timeout: float = 60.0,
         stub_dir: Path | None = None,
     ) -> None:
-        from camserve.serving.ts_protos import load_stubs
+        from camserve.torchserve.protos import load_stubs
 
         self.address = address
         self.store = Path(store)

@@ -160,14 +160,7 @@ def _check_options(req: ExplainRequest) -> None:
                 raise UnknownNameError(
                     "option", f"{method}.{name}", [f"{method}.{n}" for n in spec.options]
                 )
-            types, allowed = spec.options[name]
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                names = "/".join(t.__name__ for t in types)
-                raise InvalidRequestError(f"option {method}.{name} must be {names}, got {value!r}")
-            if allowed is not None and value not in allowed:
-                raise UnknownNameError(f"{method}.{name} value", value, allowed)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidRequestError(f"option {method}.{name} must be finite, got {value!r}")
+            spec.options[name].check(method, name, value)
         checked[method] = MappingProxyType(dict(opts))
     _set(req, "options", MappingProxyType(checked))
 

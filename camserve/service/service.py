@@ -28,6 +28,7 @@ from torch import nn
 
 from camserve.engine import Explanation
 from camserve.engine.methods import method_spec
+from camserve.engine.outputs import NonFiniteOutputError
 from camserve.errors import (
     CamserveError,
     DeadlineExceededError,
@@ -183,6 +184,10 @@ def _watched(task: Task) -> Iterator[None]:
         handle = None
     try:
         yield
+    except NonFiniteOutputError as exc:  # the engine's check, named after the served model
+        raise ModelFailureError(
+            "the model's output is not finite (NaN or inf)", model=task.name
+        ) from exc
     except CamserveError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -284,7 +289,7 @@ class ExplainService:
                 id=s.id,
                 resolution=s.resolution,
                 cost=s.cost,
-                options={k: tuple(t.__name__ for t in v[0]) for k, v in s.options.items()},
+                options={k: tuple(t.__name__ for t in v.types) for k, v in s.options.items()},
             )
             for s in (method_spec(mid) for mid in list_methods())
         )

@@ -29,7 +29,8 @@ MODELS = ["resnet_gap", "captioner", "vqa"]
 
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from camserve.serving.launcher import ServeConfig, TorchServe
+    from camserve.torchserve.config import ServeConfig
+    from camserve.torchserve.process import TorchServe
 
     if shutil.which("java") is None:
         pytest.fail("TorchServe needs a Java runtime (scripts/install.sh installs one)")

@@ -65,7 +65,10 @@ def test_defaults_and_normalisation() -> None:
         ({"options": {"occlusion": {"size": 1}}}, "unknown option 'occlusion.size'"),
         ({"options": {"gradcamx": {}}}, "unknown method 'gradcamx'"),
         ({"options": {"occlusion": 3}}, "options['occlusion'] must be a mapping, got int"),
-        ({"options": {"occlusion": {"fill": math.inf}}}, "option occlusion.fill must be finite"),
+        (
+            {"options": {"occlusion": {"fill": math.inf}}},
+            "option occlusion.fill must be a finite number",
+        ),
         (
             {"options": {"guided_backprop": {"reduce": "max"}}},
             "unknown guided_backprop.reduce value",
