@@ -108,8 +108,12 @@ class EngineBackend:
                 METHOD_SPECS[m].resolution,
                 METHOD_SPECS[m].cost,
                 tuple(
-                    OptionDescription(o, tuple(t.__name__ for t in types))
-                    for o, (types, _) in METHOD_SPECS[m].options.items()
+                    OptionDescription(
+                        o,
+                        tuple(t.__name__ for t in spec.types),
+                        tuple(str(c) for c in spec.choices or ()),
+                    )
+                    for o, spec in METHOD_SPECS[m].options.items()
                 ),
             )
             for m in list_methods()
