@@ -139,3 +139,33 @@ def test_mixed_models_in_one_batch_call(zoo: BackgroundGateway) -> None:
     assert set(models) == {"resnet_gap", "captioner", "vqa"}
     assert models["vqa"].kind == "vqa" and "green" in models["vqa"].labels
     assert models["captioner"].vocabulary
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_on_a_real_photo_through_the_gateway() -> None:
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_image("china.jpg")).save(buf, "JPEG", quality=95)
+    gw = start(InProcessBackend.load(["efficientnet_lite0"], STORE))
+    try:
+        with Client(gw.address, timeout=120) as client:
+            info = client.describe("efficientnet_lite0")
+            assert info.kind == "classifier" and len(info.labels) == 1000
+            assert info.input_size == (3, 224, 224)
+            result = client.explain(
+                ExplainRequest("efficientnet_lite0", image=buf.getvalue(), top_k=1,
+                               methods=("gradcam",), output="box")
+            )  # fmt: skip
+    finally:
+        gw.stop()
+    assert result.predictions[0].label == "bell cote, bell cot"
+    assert result.image_size == (640, 427)
+    (target,) = result.targets
+    x0, y0, x1, y1 = target.maps["gradcam"].box or (0, 0, 0, 0)
+    # the box lies on the pagoda (60, 30)-(370, 390) of the photo, not on the whole photo
+    assert x0 < 370 and x1 > 60 and y0 < 390 and y1 > 30
+    assert (x1 - x0) * (y1 - y0) < 0.8 * 640 * 427
