@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve import commands as local_commands
 
     local_commands.register(sub)
+    from camserve.gateway import commands as gateway_commands
+
+    gateway_commands.register(sub)
     return parser
 
 
