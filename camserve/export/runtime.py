@@ -89,7 +89,8 @@ class OnnxExplainer:
             finds a GPU, else the CPU); the choice is logged.
         threads: onnxruntime's intra-op threads (None: its default, all cores).
         pad_id: right-pad integer further inputs (question tokens) that are
-            shorter than the graph's fixed length with this id (None: refuse).
+            shorter than the graph's fixed length with this id (None: the
+            file's ``camserve.pad_id`` metadata, else refuse).
 
     Attributes:
         provider: the execution provider the session runs on
@@ -145,7 +146,8 @@ class OnnxExplainer:
             grads = next(o for o in self._session.get_outputs() if o.name == "gradients")
             max_targets = int(grads.shape[1]) if isinstance(grads.shape[1], int) else 0
         self.max_targets: int | None = max_targets or None
-        self.pad_id = pad_id
+        pad_meta = meta.get("camserve.pad_id")
+        self.pad_id = pad_id if pad_id is not None or pad_meta is None else int(pad_meta)
         self.provider: str = self._session.get_providers()[0]
         on_gpu = self.provider == "CUDAExecutionProvider" and torch.cuda.is_available()
         self.device = torch.device("cuda" if on_gpu else "cpu")

@@ -80,13 +80,18 @@ def zoo_example(store: str | Path, entry: ModelEntry, n: int = 4) -> tuple[Tenso
 
 
 def export_zoo(
-    store: str | Path, names: list[str] | None = None, *, targets: int = 5
+    store: str | Path,
+    names: list[str] | None = None,
+    *,
+    out: str | Path | None = None,
+    targets: int = 5,
 ) -> dict[str, ExportReport | str]:
-    """Export the store's models to ``<store>/<name>.onnx``.
+    """Export the store's models to ``<out>/<name>.onnx``.
 
     Args:
         store: the model store (with ``manifest.json`` and its datasets).
         names: the models to export (default: all of the manifest).
+        out: the folder to write to (default: ``store``).
         targets: top-k of the export check (the graphs take any k where they can).
 
     Returns:
@@ -97,11 +102,12 @@ def export_zoo(
         ExportError: a model that should export and does not.
     """
     _, entries = read_manifest(store)
-    out: dict[str, ExportReport | str] = {}
+    folder = Path(out if out is not None else store)
+    reports: dict[str, ExportReport | str] = {}
     for name in names or list(entries):
         model, entry = load(store, name)
         if entry.arch in TORCH_ONLY:
-            out[name] = TORCH_ONLY[entry.arch]
+            reports[name] = TORCH_ONLY[entry.arch]
             continue
         meta = {
             "camserve.model": name,
@@ -112,12 +118,12 @@ def export_zoo(
         }
         if entry.kind == "vqa":
             meta["camserve.pad_id"] = "0"
-        out[name] = export_onnx(
+        reports[name] = export_onnx(
             model,
             zoo_example(store, entry),
             entry.target_layer,
-            Path(store) / f"{name}.onnx",
+            folder / f"{name}.onnx",
             targets=targets,
             metadata=meta,
         )
-    return out
+    return reports

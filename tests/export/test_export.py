@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from camserve.engine import Explainer
 from camserve.errors import ExportError, InvalidRequestError, UnknownNameError
-from camserve.export import export_onnx
+from camserve.export import OnnxExplainer, export_onnx
 from camserve.export.zoo import TORCH_ONLY, export_zoo
+from camserve.zoo.store import load
 from tests.export.conftest import Exported
 
 TOL = 1e-4
@@ -67,24 +69,30 @@ def test_zoo_classifier_round_trip(
 def test_vqa_round_trip(
     zoo_store: Path, tmp_path: Path, real_inputs: Callable[[str, int], tuple[Tensor, ...]]
 ) -> None:
-    reports = export_zoo(zoo_store, ["vqa", "captioner"])
+    reports = export_zoo(zoo_store, ["vqa", "captioner"], out=tmp_path)
     assert reports["captioner"] == TORCH_ONLY["captioner"]
+    assert not (tmp_path / "captioner.onnx").exists()
     report = reports["vqa"]
     assert not isinstance(report, str)
-    try:
-        assert report.inputs == ("images", "input_1", "class_ids")
-        from camserve.zoo.store import load
-
-        model, _ = load(zoo_store, "vqa")
-        x, q = real_inputs("vqa", 3)
-        got = _run(report.path, (x, q), 2)
-        with torch.no_grad():
-            ref = model(x, q)
-        assert float(np.abs(got["logits"] - ref.numpy()).max()) <= TOL * max(
-            1.0, float(ref.abs().max())
-        )
-    finally:
-        report.path.unlink(missing_ok=True)
+    assert report.inputs == ("images", "input_1", "class_ids")
+    model, entry = load(zoo_store, "vqa")
+    x, q = real_inputs("vqa", 3)
+    got = _run(report.path, (x, q), 2)
+    with torch.no_grad():
+        ref = model(x, q)
+    assert float(np.abs(got["logits"] - ref.numpy()).max()) <= TOL * max(
+        1.0, float(ref.abs().max())
+    )
+    # questions shorter than the graph's 16 tokens are padded with <pad> (id 0 in metadata)
+    short = q[:, : int((q != 0).sum(dim=1).max())]
+    assert short.shape[1] < q.shape[1]
+    methods = ["gradcam", "gradcampp", "layercam"]
+    answers = [[0, 5], [1, 2], [3, 3]]
+    res = OnnxExplainer(report.path).explain((x, short), methods, answers, "probability")
+    want = Explainer(model, entry.target_layer).explain((x, short), methods, answers, "probability")
+    for m in methods:
+        diff = float((res.map(m) - want.map(m)).abs().max())
+        assert diff <= 1e-5 * max(1.0, float(want.map(m).abs().max())), (m, diff)
 
 
 class MedianCentred(nn.Module):
