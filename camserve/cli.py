@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.serving import commands
 
     commands.register(sub)
+    from camserve import commands as local_commands
+
+    local_commands.register(sub)
     from camserve.export import commands as export_commands
 
     export_commands.register(sub)

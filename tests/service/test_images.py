@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from camserve.codecs.http import http_status
 from camserve.errors import ImageTooLargeError, InvalidImageError
-from camserve.serving.images import DecodedImage, ImageLimits, InputTransform, decode_image
+from camserve.service.images import DecodedImage, ImageLimits, InputTransform, decode_image
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -77,7 +78,7 @@ def test_bad_bytes_are_invalid_image(data: bytes, needle: str) -> None:
     with pytest.raises(InvalidImageError, match=needle) as info:
         decode_image(data)
     assert not isinstance(info.value, ImageTooLargeError)
-    assert info.value.http_status == 400
+    assert http_status(info.value) == 400
 
 
 def test_other_formats_are_refused_by_name() -> None:
@@ -105,7 +106,7 @@ def test_pixel_cap_from_header_before_decoding() -> None:
         ImageTooLargeError, match="5000x5000 = 25000000 pixels; the limit is 10000000"
     ) as info:
         decode_image(png_header_only(5000, 5000), ImageLimits(max_pixels=10_000_000))
-    assert info.value.http_status == 413
+    assert http_status(info.value) == 413
 
 
 def test_decompression_bomb_is_too_large_even_with_a_generous_cap() -> None:
