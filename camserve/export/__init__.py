@@ -9,12 +9,18 @@ engine's own method functions. ``export_zoo`` lives in
 """
 
 from camserve.export.exporter import DEFAULT_TOLERANCE, ExportReport, export_onnx
-from camserve.export.runtime import GRAPH_METHODS, OnnxExplainer, select_providers
+from camserve.export.runtime import (
+    GRAPH_METHODS,
+    FallbackExplainer,
+    OnnxExplainer,
+    select_providers,
+)
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "GRAPH_METHODS",
     "ExportReport",
+    "FallbackExplainer",
     "OnnxExplainer",
     "export_onnx",
     "select_providers",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from camserve.engine import Explanation
+from camserve.engine import Explainer, Explanation
 from camserve.engine._numerics import finite
 from camserve.engine.methods import GRADIENT_METHODS, check_options, list_methods
 from camserve.engine.methods.gradient import gradcampp
@@ -27,7 +27,7 @@ from camserve.engine.targets import SCORES, Targets, resolve_targets
 from camserve.engine.timing import Stopwatch
 from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
 
-__all__ = ["GRAPH_METHODS", "OnnxExplainer", "select_providers"]
+__all__ = ["GRAPH_METHODS", "FallbackExplainer", "OnnxExplainer", "select_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -404,3 +404,64 @@ class OnnxExplainer:
             "max_targets": self.max_targets,
             "outputs": json.loads(self.metadata.get("camserve.outputs", "[]")),
         }
+
+
+class FallbackExplainer:
+    """onnxruntime where the graph can answer, else the torch engine; the choice is logged.
+
+    A front door serving a model with runtime ``onnx`` uses this as its
+    explainer: requests whose methods the graph computes (at its layer, with
+    class targets that fit it) go to :class:`OnnxExplainer`; the others (guided
+    methods, Ablation-CAM, Score-CAM, occlusion, IG, SHAP, score functions, more
+    targets than a fixed-K graph takes) go to the torch :class:`Explainer`,
+    with an INFO log line naming the reason. :meth:`runtime_for` tells which
+    runtime a request will use (for a metric label) before it runs.
+
+    Args:
+        onnx: the onnxruntime explainer.
+        torch_explainer: the torch engine's explainer of the same model and layer
+            (None: requests the graph cannot answer raise as :class:`OnnxExplainer` does).
+    """
+
+    def __init__(self, onnx: OnnxExplainer, torch_explainer: Explainer | None) -> None:
+        self.onnx = onnx
+        self.torch = torch_explainer
+        self.layers = onnx.layers
+        self.device = onnx.device
+
+    def fallback_reason(
+        self, methods: str | Sequence[str], targets: Targets = 1
+    ) -> str | None:
+        """Why the torch engine must answer (None when onnxruntime can)."""
+        ids = [methods] if isinstance(methods, str) else list(methods)
+        missing = [m for m in ids if m not in self.onnx.supported_methods()]
+        if missing:
+            return f"methods {', '.join(missing)} are not in the ONNX graph"
+        if callable(targets) and not isinstance(targets, Tensor):
+            return "a score function is not in the ONNX graph"
+        if self.onnx.max_targets is not None:
+            k = targets if isinstance(targets, int) else len(targets[0]) if len(targets) else 0
+            if k > self.onnx.max_targets:
+                return f"{k} targets; the graph takes at most {self.onnx.max_targets}"
+        return None
+
+    def runtime_for(self, methods: str | Sequence[str], targets: Targets = 1) -> str:
+        """``"onnx"`` or ``"torch"``: the runtime that answers these methods and targets."""
+        if self.torch is None:
+            return "onnx"
+        return "torch" if self.fallback_reason(methods, targets) is not None else "onnx"
+
+    def explain(
+        self,
+        inputs: Tensor | Sequence[Tensor],
+        methods: str | Sequence[str] = ("gradcam",),
+        targets: Targets = 1,
+        score: str = "logit",
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Explanation:
+        """:meth:`OnnxExplainer.explain`, or the torch engine's when the graph cannot answer."""
+        reason = self.fallback_reason(methods, targets) if self.torch is not None else None
+        if reason is None or self.torch is None:
+            return self.onnx.explain(inputs, methods, targets, score, options)
+        log.info("%s: torch engine instead of onnxruntime: %s", self.onnx.path.name, reason)
+        return self.torch.explain(inputs, methods, targets, score, options)
