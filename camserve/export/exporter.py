@@ -50,12 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.engine.graph import find_cam_head
+from camserve.engine.methods import GRADIENT_METHODS
 from camserve.engine.methods.activation import cam
+from camserve.engine.methods.gradient import gradcampp
 from camserve.errors import ExportError, InvalidRequestError, UnknownNameError
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "INTERFACE_VERSION",
+    "MAP_METHODS",
     "ExportReport",
     "export_onnx",
 ]
@@ -110,6 +113,29 @@ class ExportReport:
         )
 
 
+MAP_METHODS: tuple[str, ...] = (
+    "gradcam",
+    "gradcam_pos",
+    "gradcampp",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "counterfactual",
+)
+"""Methods whose maps of the target scores the graph computes by default (``map.<id>``
+outputs), traced from the engine's own method functions; the runtime computes the
+others from ``gradients`` (and every map for ``score="probability"``)."""
+
+
+def _map_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    allowed = [m for m, (_, kind) in GRADIENT_METHODS.items() if kind == "normal"]
+    allowed.append("gradcampp")
+    for m in methods:
+        if m not in allowed:
+            raise UnknownNameError("graph map method", m, allowed)
+    return tuple(dict.fromkeys(methods))
+
+
 # ---------------------------------------------------------------- the traced function
 class _Joint:
     """forward + VJP at ``layer`` as a function of (parameters, inputs, class ids).
@@ -128,9 +154,11 @@ class _Joint:
         cam_weight: Tensor | None,
         *,
         loop: bool = False,
+        map_methods: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.loop = loop
+        self.map_methods = tuple(map_methods)
         self.layer = layer
         self.module = model.get_submodule(layer)
         self.act_shape = act_shape
@@ -194,7 +222,7 @@ class _Joint:
             else:
                 (grads,) = torch.func.vmap(vjp_fn, in_dims=1, out_dims=1)(cot)
             ids = torch.arange(k, device=scores.device)[None].expand(n, k)
-            return out, act, grads, ids, scores.detach()
+            return (out, act, grads, ids, scores.detach(), *self.maps(act, grads))
         logits = scores.detach()
         if class_ids is None:
             raise InvalidRequestError("class targets need class ids")
@@ -212,7 +240,18 @@ class _Joint:
         outs: list[Tensor] = [logits, act, grads, ids, expected]
         if self.cam_weight is not None:
             outs.append(cam(act, state[-1][ids]))
+        outs += self.maps(act, grads)
         return tuple(outs)
+
+    def maps(self, act: Tensor, grads: Tensor) -> list[Tensor]:
+        """The gradient family's maps of the logits, by the engine's own method functions."""
+        out = []
+        for m in self.map_methods:
+            if m == "gradcampp":
+                out.append(gradcampp(act, grads)[0])
+            else:
+                out.append(GRADIENT_METHODS[m][0](act, grads))
+        return out
 
 
 class _Graph(nn.Module):
@@ -234,6 +273,17 @@ class _Graph(nn.Module):
         return self.traced(state, xs, class_ids)
 
 
+def _copysign(a: Tensor, b: Tensor) -> Tensor:
+    """``copysign`` without ``signbit`` (no ONNX function): differs only for ``b = -0.0``."""
+    mag = a.abs()
+    return torch.where(b < 0, -mag, mag)
+
+
+_DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {torch.ops.aten.copysign.Tensor: _copysign}
+"""Operators rewritten while tracing, for ONNX (Grad-CAM++'s safe denominator uses copysign;
+its denominator ``sum A g + 2`` is never ``-0.0``, so the rewrite is exact there)."""
+
+
 def _trace(
     joint: _Joint, state: list[Tensor], xs: list[Tensor], class_ids: Tensor | None
 ) -> nn.Module:
@@ -242,7 +292,9 @@ def _trace(
 
     try:
         with _quiet():
-            traced: nn.Module = make_fx(joint, tracing_mode="symbolic")(state, xs, class_ids)
+            traced: nn.Module = make_fx(
+                joint, tracing_mode="symbolic", decomposition_table=_DECOMPOSITIONS
+            )(state, xs, class_ids)
     except (InvalidRequestError, ExportError):
         raise
     except Exception as exc:
@@ -373,6 +425,7 @@ def export_onnx(
     *,
     targets: int | ScoreFn = 5,
     cam_maps: bool = True,
+    map_methods: Sequence[str] = MAP_METHODS,
     tolerance: float = DEFAULT_TOLERANCE,
     opset: int | None = None,
     metadata: dict[str, str] | None = None,
@@ -403,6 +456,9 @@ def export_onnx(
             ``fn(output) -> (N, K)`` traced into the graph (fixed K).
         cam_maps: add the ``cam`` output when the layer feeds a global average
             pooling + linear head (found numerically, as the torch engine does).
+        map_methods: methods whose maps the graph computes as ``map.<id>``
+            outputs (default :data:`MAP_METHODS`; ``()`` for none), traced from
+            the torch engine's method functions.
         tolerance: accepted max abs difference between onnxruntime and torch,
             relative to ``max(1, max |torch value|)`` per output.
         opset: ONNX opset (default: the exporter's).
@@ -487,6 +543,7 @@ def export_onnx(
         (int(act.shape[1]), int(act.shape[2]), int(act.shape[3])),
         score_fn,  # type: ignore[arg-type]  # callable when not classes
         None if cam_weight is None else cam_weight.detach().clone(),
+        map_methods=_map_methods(map_methods),
     )
     n = xs[0].shape[0]
     class_ids = torch.full((n, k), -1, dtype=torch.long) if classes else None
@@ -520,6 +577,7 @@ def export_onnx(
     out_names += ["expected_gradients"] if classes else ["target_scores"]
     if cam_weight is not None:
         out_names.append("cam")
+    out_names += [f"map.{m}" for m in joint.map_methods]
     try:
         with _quiet():
             program = torch.onnx.export(

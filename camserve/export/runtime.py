@@ -314,13 +314,15 @@ class OnnxExplainer:
                 feed["class_ids"] = class_ids.numpy()
             else:
                 k = self._function_k(targets)
+            in_graph = self._graph_maps(requested, score, opts)
+            names = self._wanted(requested, score, in_graph)
             with watch.stage("forward"):
-                raw = self._session.run(self._outputs, feed)
+                raw = self._session.run(names, feed)
             got = {
                 name: torch.from_numpy(np.asarray(v)).to(self.device)
-                for name, v in zip(self._outputs, raw, strict=True)
+                for name, v in zip(names, raw, strict=True)
             }
-            result = self._maps(got, requested, k, score, opts, images, watch)
+            result = self._maps(got, requested, in_graph, k, score, opts, images, watch)
         result.timings.update(watch.result())
         return result
 
@@ -333,10 +335,37 @@ class OnnxExplainer:
             )
         return targets
 
+    def _graph_maps(
+        self, requested: list[str], score: str, opts: dict[str, dict[str, Any]]
+    ) -> set[str]:
+        """Requested methods whose maps the graph computed (``map.<id>``, target logits)."""
+        if self.classes and score != "logit":
+            return set()
+        return {
+            m
+            for m in requested
+            if f"map.{m}" in self._outputs and not (m == "gradcampp" and opts.get(m))
+        }
+
+    def _wanted(self, requested: list[str], score: str, in_graph: set[str]) -> list[str]:
+        """The graph outputs this call needs."""
+        names = ["logits", "target_ids"]
+        if not self.classes:
+            names.append("target_scores")
+        if any(m not in in_graph and m != "cam" for m in requested):
+            names += ["activations", "gradients"]
+            if self.classes and score == "probability":
+                names.append("expected_gradients")
+        if "cam" in requested:
+            names.append("cam")
+        names += [f"map.{m}" for m in requested if m in in_graph]
+        return names
+
     def _maps(
         self,
         got: dict[str, Tensor],
         requested: list[str],
+        in_graph: set[str],
         k: int,
         score: str,
         opts: dict[str, dict[str, Any]],
@@ -344,8 +373,8 @@ class OnnxExplainer:
         watch: Stopwatch,
     ) -> Explanation:
         output = finite(got["logits"])
-        acts = got["activations"]
-        grads = got["gradients"][:, :k]
+        acts = got.get("activations", output)
+        grads = got["gradients"][:, :k] if "gradients" in got else output
         ids = got["target_ids"][:, :k].long()
         logit_grads: Tensor | None = None
         logits: Tensor | None = None
@@ -353,11 +382,13 @@ class OnnxExplainer:
         if self.classes:
             logits = output
             probabilities = finite(torch.softmax(logits.float(), dim=1))
-            if score == "probability":
+            if score == "probability" and "gradients" in got:
                 p = probabilities.gather(1, ids)
                 logit_grads = grads
                 grads = p[:, :, None, None, None] * (grads - got["expected_gradients"][:, None])
                 target_scores = p
+            elif score == "probability":
+                target_scores = probabilities.gather(1, ids)
             else:
                 target_scores = logits.gather(1, ids)
         else:
@@ -367,8 +398,8 @@ class OnnxExplainer:
         stats: dict[str, dict[str, float]] = {}
         for m in requested:
             with watch.stage(f"method.{m}"):
-                if m == "cam":
-                    maps[m] = finite(got["cam"][:, :k].float())
+                if m == "cam" or m in in_graph:
+                    maps[m] = finite(got["cam" if m == "cam" else f"map.{m}"][:, :k].float())
                 elif m == "gradcampp":
                     out, st = gradcampp(acts, grads, logit_grads, **opts.get(m, {}))
                     if st:

@@ -180,3 +180,24 @@ def test_a_traced_score_function_matches_the_engine(tmp_path: Path) -> None:
     _close(got.target_scores, ref.target_scores, 1e-4)
     for m in ("gradcam", "layercam", "gradcampp"):
         _close(got.map(m), ref.map(m), MAP_TOL)
+
+
+def test_graph_maps_and_torch_maps_agree(
+    exported: Callable[[str], Exported],
+    real_inputs: Callable[[str, int], tuple[Tensor, ...]],
+) -> None:
+    """map.<id> outputs (logit targets) and maps computed from the gradients are the same."""
+    model, entry, report = exported("resnet_gap")
+    assert {f"map.{m}" for m in ("gradcam", "gradcampp", "layercam")} <= set(report.outputs)
+    (x,) = real_inputs("resnet_gap", 2)
+    ox = OnnxExplainer(report.path)
+    in_graph = ox.explain(x, ["gradcampp", "layercam"], targets=4)
+    # options the graph's Grad-CAM++ does not take: computed from the gradients instead
+    opts = {"gradcampp": {"normalize_alpha": True}}
+    from_grads = ox.explain(x, ["gradcampp"], targets=4, options=opts)
+    ref = Explainer(model, entry.target_layer).explain(x, ["gradcampp", "layercam"], 4)
+    ref_norm = Explainer(model, entry.target_layer).explain(x, ["gradcampp"], 4, options=opts)
+    for m in ("gradcampp", "layercam"):
+        _close(in_graph.map(m), ref.map(m), MAP_TOL)
+    _close(from_grads.map("gradcampp"), ref_norm.map("gradcampp"), MAP_TOL)
+    assert not torch.allclose(from_grads.map("gradcampp"), in_graph.map("gradcampp"))
