@@ -5,8 +5,10 @@ time, interleaved round by round (the order alternates), the same request
 through :class:`camserve.engine.Explainer` and
 :class:`camserve.export.OnnxExplainer`: ``explain(x, GRADIENT_FAMILY, targets=5)``,
 at batch 1 and batch 8. Reports medians per call and per image and the ratio
-onnxruntime / torch (goal: <= 0.6 on the CPU). Both use the same number of
-threads. Timings belong here and in BENCHMARKS.md, never in tests.
+onnxruntime / torch (goal: <= 0.6 on the CPU), of wall time and of this
+process's CPU time (``time.process_time``, every thread: steadier than wall time
+when other jobs share the cores). Both use the same number of threads. Timings
+belong here and in BENCHMARKS.md, never in tests.
 
 Models: ``gap`` (the zoo's ResNet-GAP at 64 px, trained weights when
 ``model_store/`` has them), ``resnet50`` (a ResNet-50-shaped network built here
@@ -153,10 +155,11 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, str, int]]] = {
 }
 
 
-def _time(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
+def _time(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of this process (all its threads) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_model(
@@ -191,14 +194,19 @@ def bench_model(
         run_torch()  # warm-up
         run_onnx()
         times: dict[str, list[float]] = {"torch": [], "onnx": []}
+        cpu: dict[str, list[float]] = {"torch": [], "onnx": []}
         ratios: list[float] = []
+        cpu_ratios: list[float] = []
         for r in range(rounds):
             order = ("torch", "onnx") if r % 2 == 0 else ("onnx", "torch")
             got = {k: _time(run_torch if k == "torch" else run_onnx) for k in order}
-            for k, v in got.items():
-                times[k].append(v)
-            ratios.append(got["onnx"] / got["torch"])
+            for k, (wall, proc) in got.items():
+                times[k].append(wall)
+                cpu[k].append(proc)
+            ratios.append(got["onnx"][0] / got["torch"][0])
+            cpu_ratios.append(got["onnx"][1] / max(got["torch"][1], 1e-9))
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         stages = ox.explain(x, GRADIENT_FAMILY, targets=5).timings
         out["batches"][str(b)] = {
             "torch_s": med["torch"],
@@ -207,12 +215,17 @@ def bench_model(
             "onnx_per_image_s": med["onnx"] / b,
             "ratio": statistics.median(ratios),
             "ratio_range": [min(ratios), max(ratios)],
+            "torch_cpu_s": med_cpu["torch"],
+            "onnx_cpu_s": med_cpu["onnx"],
+            "cpu_ratio": statistics.median(cpu_ratios),
+            "cpu_ratio_range": [min(cpu_ratios), max(cpu_ratios)],
             "onnx_stages_s": {k: round(v, 6) for k, v in stages.items()},
         }
         print(
             f"{name:18s} batch {b}: torch {med['torch'] * 1e3:8.1f} ms  onnxruntime "
             f"{med['onnx'] * 1e3:8.1f} ms  ratio {statistics.median(ratios):.2f} "
-            f"[{min(ratios):.2f}-{max(ratios):.2f}]",
+            f"[{min(ratios):.2f}-{max(ratios):.2f}]; CPU time ratio "
+            f"{statistics.median(cpu_ratios):.2f} [{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}]",
             flush=True,
         )
     return out

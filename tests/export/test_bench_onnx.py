@@ -33,3 +33,4 @@ def test_bench_onnx_quick(tmp_path: Path) -> None:
         assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0
         assert entry["onnx_s"] > 0 and entry["torch_s"] > 0
         assert entry["onnx_stages_s"]["forward"] > 0
+        assert math.isfinite(entry["cpu_ratio"]) and entry["cpu_ratio"] > 0
