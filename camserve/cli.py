@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.gateway import commands as gateway_commands
 
     gateway_commands.register(sub)
+    from camserve.export import commands as export_commands
+
+    export_commands.register(sub)
     return parser
 
 
