@@ -91,8 +91,8 @@ def explain_images(
         top_k: classes to explain per image (classifiers).
         layer: the layer to explain (default: the model's).
         question: the question (VQA models).
-        store: the model store (default ``./model_store``).
-        device: ``cpu``, ``cuda``... (default: the settings' device).
+        store: the model store (default: the settings' ``model_store``).
+        device: ``cpu``, ``cuda``... (default: the settings' ``device``).
         batch_size: images per engine call.
         progress: show a progress bar on stderr.
         remote: ``host:port`` of a camserve gateway to ask instead of loading the
@@ -106,7 +106,13 @@ def explain_images(
         CamserveError: an unknown model or a wrong spec (per-image errors go to the JSON).
     """
     from camserve.models import resolve
-    from camserve.service import ExplainError, ExplainRequest, ExplainService, Outcome
+    from camserve.service import (
+        ExplainError,
+        ExplainRequest,
+        ExplainService,
+        Outcome,
+        load_settings,
+    )
     from camserve.service.images import decode_image
 
     run: Callable[[list[ExplainRequest]], list[Outcome]]
@@ -118,8 +124,9 @@ def explain_images(
         name, kind = model, client.describe(model).kind
         run, close = client.explain_batch, client.close
     else:
-        spec = resolve(model, store)
-        service = ExplainService.from_specs([spec], device=device)
+        settings = load_settings()
+        spec = resolve(model, store if store is not None else settings.model_store)
+        service = ExplainService.from_specs([spec], device=device, settings=settings)
         name, kind = spec.name, service.describe(spec.name).kind
         run = service.run
     out.mkdir(parents=True, exist_ok=True)
