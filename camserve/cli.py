@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.serving import commands
 
     commands.register(sub)
+    __import__("camserve.audit.commands", fromlist=["register"]).register(sub)
     return parser
 
 

@@ -339,8 +339,11 @@ def run_audit(
     mapping: dict[str, str] | None = None,
     limit: int | None = None,
     progress: bool = True,
+    report: bool = True,
+    model_name: str | None = None,
+    cases: int = 3,
 ) -> dict[str, Any]:
-    """Scores ``dataset`` into ``out/results.sqlite`` and writes ``out/summary.json``.
+    """Scores ``dataset`` into ``out/results.sqlite``; writes ``summary.json`` and ``report.html``.
 
     Resumable: chunks already in the database are skipped.
 
@@ -352,6 +355,9 @@ def run_audit(
         mapping: data set category -> model label, for names that differ.
         limit: score only the first ``limit`` images.
         progress: show a tqdm progress bar (with ETA) on stderr.
+        report: also write ``out/report.html``.
+        model_name: the model's name in the report.
+        cases: best and worst images per method drawn in the report.
 
     Returns:
         The summary (as written to ``summary.json``).
@@ -360,6 +366,7 @@ def run_audit(
         InvalidRequestError: bad settings, or an output folder holding
             results of another model, data set or settings.
     """
+    from camserve.audit.report import write_report
     from camserve.audit.summary import summarize, write_summary
 
     settings.check()
@@ -391,7 +398,10 @@ def run_audit(
                 store.write_chunk(c, images, rows)
                 bar.update(len(part))
         summary = summarize(store)
+        write_summary(summary, folder / "summary.json")
+        if report:
+            write_report(folder / "report.html", summary, store, scorer, dataset,
+                         model_name or scorer.layer, cases, mapping)
     finally:
         store.close()
-    write_summary(summary, folder / "summary.json")
     return summary
