@@ -378,7 +378,7 @@ def run_audit(
         "schema_version": SCHEMA_VERSION,
         "model_digest": scorer.digest,
         "settings": asdict(settings),
-        "dataset": {"name": dataset.name, "format": dataset.format, "images": len(items)},
+        "dataset": {"name": dataset.name, "format": dataset.format},
         "versions": versions(),
         "layer": scorer.layer,
         "labels": list(scorer.labels),
