@@ -20,9 +20,9 @@ def test_coco_reads_boxes_inclusive_and_keeps_bad_images_listed(scenes_coco: Pat
     x0, y0, x1, y1 = first.truths[0].box or (0, 0, 0, 0)
     assert x1 > x0 and y1 > y0
     assert load_image(first).shape == (64, 64, 3)
-    with pytest.raises(InvalidImageError, match="broken.png"):
+    with pytest.raises(InvalidImageError, match=r"broken\.png"):
         load_image(ds.items[3])
-    with pytest.raises(InvalidImageError, match="missing.png"):
+    with pytest.raises(InvalidImageError, match=r"missing\.png"):
         load_image(ds.items[-1])
     # A folder holding instances.json reads the same.
     assert open_dataset(scenes_coco.parent).items == ds.items
