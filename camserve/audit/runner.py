@@ -46,7 +46,8 @@ METRICS: tuple[str, ...] = (
     "contrastivity",
     "rank_correlation",
 )
-"""Metric groups an audit can compute (``rank_correlation`` also runs occlusion)."""
+"""Metric groups an audit can compute (``rank_correlation`` also runs occlusion; ``alpha``
+applies when ``gradcampp`` is among the methods)."""
 
 DEFAULT_METRICS = tuple(m for m in METRICS if m not in ("road", "rank_correlation"))
 """The default: ROAD (sparse solves) and rank correlation (occlusion) cost the most."""
@@ -98,8 +99,6 @@ class AuditSettings:
         for g in self.metrics:
             if g not in METRICS:
                 raise UnknownNameError("metric", g, METRICS)
-        if "alpha" in self.metrics and "gradcampp" not in self.methods:
-            raise InvalidRequestError("the metric 'alpha' needs the method gradcampp")
         for name in ("top_k", "chunk_size", "steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -208,7 +207,8 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
     methods = list(s.methods)
     if "rank_correlation" in g and "occlusion" not in methods:
         methods.append("occlusion")
-    exp: Explained = scorer.explain(prep.pixels, methods, ids, s.options, "alpha" in g)
+    alpha = "alpha" in g and "gradcampp" in s.methods  # Grad-CAM++'s alphas, when it is audited
+    exp: Explained = scorer.explain(prep.pixels, methods, ids, s.options, alpha)
     top1 = ids[:, 0]
     y = probs[np.arange(n), top1]
     batch = _Batcher()

@@ -131,9 +131,8 @@ def test_bad_settings(resnet: InProcessScorer, scenes_coco: Path, tmp_path: Path
         run_audit(resnet, ds, tmp_path, AuditSettings(methods=("gradcamx",)), progress=False)
     with pytest.raises(UnknownNameError, match="metric"):
         run_audit(resnet, ds, tmp_path, AuditSettings(metrics=("accuracy",)), progress=False)
-    with pytest.raises(InvalidRequestError, match="alpha"):
-        run_audit(resnet, ds, tmp_path, AuditSettings(methods=("gradcam",), metrics=("alpha",)),
-                  progress=False)
+    with pytest.raises(InvalidRequestError, match="chunk_size"):
+        run_audit(resnet, ds, tmp_path, AuditSettings(chunk_size=0), progress=False)
 
 
 def _audit_cmd(zoo_store: Path, dataset: Path, out: Path) -> list[str]:
