@@ -190,8 +190,9 @@ class _Batcher:
         return scorer.predict(np.concatenate(self.parts))
 
 
-def _seed(key: str, method: str) -> int:
-    return zlib.crc32(f"{key}\0{method}".encode())
+def _seed(key: str) -> int:
+    """ROAD's noise seed: per image, the same for every method (common random numbers)."""
+    return zlib.crc32(key.encode())
 
 
 def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[ImageRow],
@@ -278,7 +279,7 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
                       partial(_curve_auc, c=c0))
             if "road" in g:
                 morf, lerf = M.road_images(img, maps[0], s.road_percentiles, s.road_noise,
-                                           _seed(key, m))
+                                           _seed(key))
                 half = len(s.road_percentiles)
                 later(key, m, c0, "road", np.concatenate([morf, lerf]),
                       partial(_road, c=c0, original=float(y[i]), half=half))
