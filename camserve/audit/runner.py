@@ -271,12 +271,13 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
                 later(key, m, c0, "explanation_score", M.explanation_map(img, maps[0])[None],
                       partial(_first_score, c=c0))
                 add(m, c0, "score", float(y[i]))
+            # The deletion curve starts, the insertion curve ends, at the image: its score is known.
             if "deletion" in g:
-                later(key, m, c0, "deletion_auc", M.deletion_images(img, maps[0], s.steps),
-                      partial(_curve_auc, c=c0))
+                later(key, m, c0, "deletion_auc", M.deletion_images(img, maps[0], s.steps)[1:],
+                      partial(_curve_auc, c=c0, first=float(y[i])))
             if "insertion" in g:
-                later(key, m, c0, "insertion_auc", M.insertion_images(img, maps[0], s.steps),
-                      partial(_curve_auc, c=c0))
+                later(key, m, c0, "insertion_auc", M.insertion_images(img, maps[0], s.steps)[:-1],
+                      partial(_curve_auc, c=c0, last=float(y[i])))
             if "road" in g:
                 morf, lerf = M.road_images(img, maps[0], s.road_percentiles, s.road_noise,
                                            _seed(key))
@@ -302,8 +303,11 @@ def _first_score(p: NDArray[np.float32], c: int) -> float:
     return float(p[0, c])
 
 
-def _curve_auc(p: NDArray[np.float32], c: int) -> float:
-    return M.auc(p[:, c])
+def _curve_auc(p: NDArray[np.float32], c: int, first: float | None = None,
+               last: float | None = None) -> float:
+    curve = [float(v) for v in p[:, c]]
+    return M.auc(([first] if first is not None else []) + curve
+                 + ([last] if last is not None else []))
 
 
 def _road(p: NDArray[np.float32], c: int, original: float, half: int) -> float:
