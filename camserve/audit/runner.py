@@ -71,6 +71,7 @@ class AuditSettings:
         road_noise: std of ROAD's imputation noise, in pixel units of ``[0, 1]``.
         percentile: binarisation percentile of fidelity and contrastivity (003: 1 or 10).
         min_score: relative performance counts images scored above this (002: 0.5).
+        score_batch: perturbed images per scorer call.
     """
 
     methods: tuple[str, ...] = ("gradcam", "gradcam_pos", "gradcampp", "xgradcam")
@@ -85,6 +86,7 @@ class AuditSettings:
     road_noise: float = 0.01
     percentile: float = 10.0
     min_score: float = 0.5
+    score_batch: int = 64
 
     def check(self) -> None:
         """Raises :class:`UnknownNameError` / :class:`InvalidRequestError` on bad values."""
@@ -99,7 +101,7 @@ class AuditSettings:
         for g in self.metrics:
             if g not in METRICS:
                 raise UnknownNameError("metric", g, METRICS)
-        for name in ("top_k", "chunk_size", "steps"):
+        for name in ("top_k", "chunk_size", "steps", "score_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
@@ -171,23 +173,46 @@ def _targets(probs: NDArray[np.float32], labels: list[set[int]], top_k: int) -> 
     return out
 
 
+Images = NDArray[np.floating[Any]]
+
+
 class _Batcher:
-    """Collects perturbed images, scores them in one go, hands each caller its probabilities."""
+    """Perturbed images to score: made lazily, scored ``batch`` at a time, in order.
 
-    def __init__(self) -> None:
-        self.parts: list[NDArray[np.float32]] = []
+    Each part is a thunk making its images, so at most one batch of perturbed
+    images (plus the part being made) is in memory at once, whatever the chunk.
+    """
+
+    def __init__(self, batch: int = 64) -> None:
+        self.parts: list[tuple[Callable[[], Images], slice]] = []
         self.n = 0
+        self.batch = batch
 
-    def add(self, imgs: NDArray[np.floating[Any]]) -> slice:
-        self.parts.append(np.asarray(imgs, dtype=np.float32))
-        s = slice(self.n, self.n + imgs.shape[0])
-        self.n += imgs.shape[0]
+    def add(self, make: Callable[[], Images], count: int, keep: slice = slice(None)) -> slice:
+        self.parts.append((make, keep))
+        s = slice(self.n, self.n + count)
+        self.n += count
         return s
 
     def run(self, scorer: Scorer) -> NDArray[np.float32]:
-        if not self.parts:
+        out: list[NDArray[np.float32]] = []
+        buf: list[NDArray[np.float32]] = []
+        held = 0
+        for make, keep in self.parts:
+            imgs = np.asarray(make()[keep], dtype=np.float32)
+            buf.append(imgs)
+            held += imgs.shape[0]
+            if held >= self.batch:
+                out.append(scorer.predict(np.concatenate(buf)))
+                buf, held = [], 0
+        if buf:
+            out.append(scorer.predict(np.concatenate(buf)))
+        if not out:
             return np.zeros((0, len(scorer.labels)), np.float32)
-        return scorer.predict(np.concatenate(self.parts))
+        scored = np.concatenate(out)
+        if scored.shape[0] != self.n:
+            raise AssertionError(f"scored {scored.shape[0]} perturbed images, expected {self.n}")
+        return scored
 
 
 def _seed(key: str) -> int:
@@ -212,13 +237,14 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
     exp: Explained = scorer.explain(prep.pixels, methods, ids, s.options, alpha)
     top1 = ids[:, 0]
     y = probs[np.arange(n), top1]
-    batch = _Batcher()
+    batch = _Batcher(s.score_batch)
     pending: list[tuple[str, str, int, str, Callable[[NDArray[np.float32]], float], slice]] = []
     k5 = min(5, s.top_k, ids.shape[1])
 
-    def later(key: str, method: str, target: int, metric: str, imgs: NDArray[Any],
-              fn: Callable[[NDArray[np.float32]], float]) -> None:
-        pending.append((key, method, target, metric, fn, batch.add(imgs)))
+    def later(key: str, method: str, target: int, metric: str, make: Callable[[], Images],
+              count: int, fn: Callable[[NDArray[np.float32]], float],
+              keep: slice = slice(None)) -> None:
+        pending.append((key, method, target, metric, fn, batch.add(make, count, keep)))
 
     for i, key in enumerate(prep.keys):
         img = prep.pixels[i]
@@ -268,25 +294,28 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
                     M.rank_correlation(maps[0], exp.maps["occlusion"][i, 0]))
             # ---- perturbation metrics: images now, probabilities after one batched pass
             if "confidence" in g:
-                later(key, m, c0, "explanation_score", M.explanation_map(img, maps[0])[None],
+                later(key, m, c0, "explanation_score",
+                      partial(_explanation_image, img, maps[0]), 1,
                       partial(_first_score, c=c0))
                 add(m, c0, "score", float(y[i]))
             # The deletion curve starts, the insertion curve ends, at the image: its score is known.
             if "deletion" in g:
-                later(key, m, c0, "deletion_auc", M.deletion_images(img, maps[0], s.steps)[1:],
-                      partial(_curve_auc, c=c0, first=float(y[i])))
+                later(key, m, c0, "deletion_auc",
+                      partial(M.deletion_images, img, maps[0], s.steps), s.steps,
+                      partial(_curve_auc, c=c0, first=float(y[i])), slice(1, None))
             if "insertion" in g:
-                later(key, m, c0, "insertion_auc", M.insertion_images(img, maps[0], s.steps)[:-1],
-                      partial(_curve_auc, c=c0, last=float(y[i])))
+                later(key, m, c0, "insertion_auc",
+                      partial(M.insertion_images, img, maps[0], s.steps), s.steps,
+                      partial(_curve_auc, c=c0, last=float(y[i])), slice(None, -1))
             if "road" in g:
-                morf, lerf = M.road_images(img, maps[0], s.road_percentiles, s.road_noise,
-                                           _seed(key))
                 half = len(s.road_percentiles)
-                later(key, m, c0, "road", np.concatenate([morf, lerf]),
+                later(key, m, c0, "road",
+                      partial(_road_images, img, maps[0], s.road_percentiles, s.road_noise,
+                              _seed(key)), 2 * half,
                       partial(_road, c=c0, original=float(y[i]), half=half))
             if "fidelity" in g:
-                keep = ~M.binarize(maps[0], s.percentile)
-                later(key, m, c0, "correct_after", (img * keep[None])[None],
+                later(key, m, c0, "correct_after", partial(_masked_image, img, maps[0],
+                                                           s.percentile), 1,
                       partial(_still_right, c=c0, labels=frozenset(prep.labels[i])))
                 add(m, c0, "correct_before", correct_before)
     scored = batch.run(scorer)
@@ -297,6 +326,21 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
         for i, key in enumerate(prep.keys)
     ]
     return images + prep.bad, rows
+
+
+def _explanation_image(img: Images, map2d: Images) -> Images:
+    return M.explanation_map(img, map2d)[None]
+
+
+def _road_images(img: Images, map2d: Images, percentiles: tuple[float, ...], noise: float,
+                 seed: int) -> Images:
+    morf, lerf = M.road_images(img, map2d, percentiles, noise, seed)
+    return np.concatenate([morf, lerf])
+
+
+def _masked_image(img: Images, map2d: Images, percentile: float) -> Images:
+    """The image with the binarised map's pixels set to 0 (black), for fidelity (003)."""
+    return (img * ~M.binarize(map2d, percentile)[None])[None]
 
 
 def _first_score(p: NDArray[np.float32], c: int) -> float:

@@ -117,7 +117,7 @@ class InProcessScorer:
         mean: Sequence[float],
         std: Sequence[float],
         digest: str,
-        batch_size: int = 256,
+        batch_size: int = 32,
     ) -> None:
         self.model = model
         self.layer = layer

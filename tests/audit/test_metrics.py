@@ -267,3 +267,30 @@ def test_weak_localization_box_lies_in_the_image(h: int, w: int, seed: int) -> N
     assert 0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h
     # The maximum's pixel is above any threshold, so a box always exists around something.
     assert (m[y0 : y1 + 1, x0 : x1 + 1] >= 0.15 * m.max()).any()
+
+
+# ---------------------------------------------------------------- the zoo's scenes, truth known
+
+
+def test_metrics_on_zoo_scenes_with_their_own_masks() -> None:
+    from camserve.zoo.scenes import generate_scenes
+
+    for scene in generate_scenes(seed=5, count=6, kind="multi"):
+        boxes = []
+        for obj in scene.objects:
+            x, y, w, h = obj.bbox
+            box = (x, y, x + w - 1, y + h - 1)
+            boxes.append(box)
+            m = obj.mask.astype(float)
+            # A map that is the object's mask localises it exactly and points at it.
+            assert M.weak_localization_box(m) == box
+            assert M.localization_correct(M.weak_localization_box(m), [box])
+            assert M.pointing_hit(m, [box]) and M.pointing_hit(m, mask=obj.mask)
+        if len(scene.objects) > 1:
+            a, b = scene.objects[0].mask, scene.objects[1].mask
+            # Two objects' masks barely overlap (occlusion), so contrastivity is near 1.
+            assert M.contrastivity(M.binarize(a.astype(float)),
+                                   [M.binarize(b.astype(float))]) > 0.9
+            # A map on the first object does not localise the second.
+            assert not M.localization_correct(M.weak_localization_box(a.astype(float)),
+                                              [boxes[1]]) or M.box_iou(boxes[0], boxes[1]) > 0.2
