@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.serving import commands
 
     commands.register(sub)
+    from camserve import commands as local_commands
+
+    local_commands.register(sub)
     __import__("camserve.audit.commands", fromlist=["register"]).register(sub)
     return parser
 

@@ -1,7 +1,9 @@
-"""The exception tree of camserve, mapped once to HTTP and gRPC status codes.
+"""The exception tree of camserve.
 
 Every error a caller can cause is a :class:`CamserveError`; its message names
-the bad value and, where there is a fixed set, the valid choices.
+the bad value and, where there is a fixed set, the valid choices. The errors
+carry no transport codes: each front door maps the tree to its own status codes
+in one table (HTTP in :mod:`camserve.codecs.http`, gRPC in the gateway).
 """
 
 from __future__ import annotations
@@ -12,15 +14,9 @@ from collections.abc import Iterable
 class CamserveError(Exception):
     """Base of all camserve errors."""
 
-    http_status: int = 500
-    grpc_code: str = "INTERNAL"
-
 
 class InvalidRequestError(CamserveError, ValueError):
     """The caller's request is malformed (wrong type, shape, dtype, empty batch...)."""
-
-    http_status = 400
-    grpc_code = "INVALID_ARGUMENT"
 
 
 class UnknownNameError(InvalidRequestError, KeyError):
@@ -56,18 +52,31 @@ class InvalidImageError(InvalidRequestError):
 class ImageTooLargeError(InvalidImageError):
     """An image exceeds the configured pixel or byte cap."""
 
-    http_status = 413
-
 
 class OverloadedError(CamserveError):
     """The server refuses work it cannot take on now (back-pressure)."""
-
-    http_status = 503
-    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceededError(CamserveError):
     """The request's deadline passed before its work finished."""
 
-    http_status = 504
-    grpc_code = "DEADLINE_EXCEEDED"
+
+class ModelFailureError(CamserveError):
+    """The model failed on a valid request, or gave a non-finite output.
+
+    Args:
+        message: what went wrong.
+        model: the model's name; the message is prefixed with it when given.
+    """
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        self.model = model
+        super().__init__(message if model is None else f"model {model!r}: {message}")
+
+
+class UnavailableError(CamserveError):
+    """A backend (a model worker, a TorchServe instance) is down or unreachable."""
+
+
+class InternalError(CamserveError):
+    """An unexpected failure inside camserve (a bug); the message says no more than that."""

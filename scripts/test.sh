@@ -10,6 +10,8 @@ echo "[test] ruff"
 echo "[test] mypy"
 targets=(camserve); compgen -G "handlers/*.py" >/dev/null && targets+=(handlers)
 "$PY" -m mypy "${targets[@]}"
+echo "[test] import rules (import-linter contracts in pyproject.toml)"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/lint-imports
 echo "[test] model store (trains the demo models if missing, then archives them)"
 "$PY" -m camserve.cli build-models
 echo "[test] pytest"

@@ -3,7 +3,10 @@
 from camserve.errors import (
     CamserveError,
     ImageTooLargeError,
+    InternalError,
     InvalidRequestError,
+    ModelFailureError,
+    UnavailableError,
     UnknownNameError,
 )
 
@@ -13,8 +16,7 @@ def test_unknown_name_lists_choices() -> None:
     assert str(err) == "unknown method 'gradcamx'; valid methods: cam, gradcam"
     assert isinstance(err, InvalidRequestError)
     assert isinstance(err, KeyError)
-    assert err.http_status == 400
-    assert err.grpc_code == "INVALID_ARGUMENT"
+    assert not hasattr(err, "http_status") and not hasattr(err, "grpc_code")
 
 
 def test_unknown_name_truncates_long_choice_lists() -> None:
@@ -22,6 +24,9 @@ def test_unknown_name_truncates_long_choice_lists() -> None:
     assert "(1000 in all)" in str(err)
 
 
-def test_status_codes() -> None:
-    assert ImageTooLargeError("too big").http_status == 413
-    assert CamserveError("x").grpc_code == "INTERNAL"
+def test_the_new_errors_say_what_failed() -> None:
+    err = ModelFailureError("non-finite logits", model="resnet_gap")
+    assert str(err) == "model 'resnet_gap': non-finite logits" and err.model == "resnet_gap"
+    assert isinstance(UnavailableError("down"), CamserveError)
+    assert isinstance(InternalError("bug"), CamserveError)
+    assert not isinstance(ImageTooLargeError("big"), ModelFailureError)

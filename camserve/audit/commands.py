@@ -47,7 +47,7 @@ def _split(value: str) -> list[str]:
 def _audit(args: argparse.Namespace) -> int:
     from camserve.audit.datasets import open_dataset, read_mapping
     from camserve.audit.runner import run_audit
-    from camserve.audit.scorer import load_zoo_scorer
+    from camserve.audit.scorer import load_scorer
 
     try:
         conf = _config(args.config)
@@ -67,10 +67,10 @@ def _audit(args: argparse.Namespace) -> int:
         settings = _settings_cls()(**conf)
         mapping = read_mapping(mapping_file) if mapping_file else None
         dataset = open_dataset(args.dataset)
-        scorer = load_zoo_scorer(args.model_store, args.model, layer)
+        scorer = load_scorer(args.model, args.model_store, layer)
         summary = run_audit(scorer, dataset, args.out, settings, mapping=mapping,
                             limit=args.limit, progress=not args.no_progress,
-                            report=not args.no_report, model_name=args.model)
+                            report=not args.no_report, model_name=Path(args.model).stem)
     except (CamserveError, TypeError) as exc:
         print(f"[camserve] audit: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +94,8 @@ def register(sub: Any) -> None:
         "contrastivity, rank correlation with occlusion. Resumable: rerun to continue.",
     )
     p.add_argument("dataset", help="COCO instances .json, Pascal VOC folder, or labels .csv")
-    p.add_argument("--model", required=True, help="model name in the model store")
+    p.add_argument("--model", required=True,
+                   help="a model of the store, efficientnet_lite0, or a model spec file")
     p.add_argument("--model-store", default="model_store", help="the model store folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--methods", help="comma-separated method ids (default: gradcam,gradcam_pos,"

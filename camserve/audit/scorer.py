@@ -20,11 +20,11 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from camserve.engine import INPUT_LAYER, Explainer
-from camserve.engine.methods import INPUT_METHODS
-from camserve.errors import InvalidRequestError, UnsupportedMethodError
+from camserve.engine import Explainer
+from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
 
-__all__ = ["Explained", "InProcessScorer", "Scorer", "load_zoo_scorer"]
+__all__ = ["Explained", "InProcessScorer", "Scorer", "file_digest", "load_scorer",
+           "load_zoo_scorer"]
 
 F32 = NDArray[np.float32]
 
@@ -158,9 +158,9 @@ class InProcessScorer:
         sums: dict[str, F32] = {}
         peaks: dict[str, F32] = {}
         for m in methods:
-            layer = INPUT_LAYER if m in INPUT_METHODS else self.layer
-            maps[m] = res.upsampled(m, layer).numpy().astype(np.float32)
-            raw = res.map(m, layer)
+            # None: the explained layer, or "input" for input-resolution methods (occlusion)
+            maps[m] = res.upsampled(m).numpy().astype(np.float32)
+            raw = res.map(m)
             sums[m] = raw.sum(dim=(-2, -1)).numpy().astype(np.float32)
             peaks[m] = raw.amax(dim=(-2, -1)).numpy().astype(np.float32)
         stats: list[dict[str, float]] = []
@@ -176,26 +176,59 @@ class InProcessScorer:
         return Explained(maps, sums, peaks, res.target_scores.numpy().astype(np.float32), stats)
 
 
-def load_zoo_scorer(store: str | Path, name: str, layer: str | None = None) -> InProcessScorer:
-    """An in-process scorer of a model of the demo zoo's store (``model_store/``).
+def _state_digest(model: nn.Module) -> str:
+    """``sha256:<hex>`` of a model's state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return f"sha256:{h.hexdigest()}"
+
+
+def load_scorer(model: str | Path, store: str | Path = "model_store",
+                layer: str | None = None) -> InProcessScorer:
+    """An in-process scorer of a model spec: a zoo model, ``efficientnet_lite0`` or a spec file.
+
+    The name is resolved with :func:`camserve.models.resolve` (a spec file, a
+    ``<store>/<name>.toml`` spec, or a built-in model); a zoo store without
+    spec files is read from its manifest.
 
     Raises:
-        UnknownNameError: a model the store does not list.
-        InvalidRequestError: a model that is not a classifier.
+        UnknownNameError: a model none of these knows.
+        InvalidRequestError: a model that is not a classifier; a bad spec.
     """
-    from camserve.zoo.store import load
+    from camserve.models import load_model, resolve
 
-    model, entry = load(store, name)
-    if entry.kind != "classifier":
-        raise InvalidRequestError(f"model {name!r} is a {entry.kind}; audits need a classifier")
-    for p in model.parameters():
+    try:
+        spec = resolve(model, store)
+    except UnknownNameError:
+        from camserve.zoo.store import model_spec, read_manifest
+
+        try:
+            _, entries = read_manifest(store)
+        except InvalidRequestError:
+            entries = {}
+        if str(model) not in entries:
+            raise
+        spec = model_spec(store, entries[str(model)])
+    if spec.kind != "classifier":
+        raise InvalidRequestError(f"model {spec.name!r} is a {spec.kind}; audits need a classifier")
+    loaded = load_model(spec)
+    for p in loaded.model.parameters():
         p.requires_grad_(False)
+    source = spec.weights or spec.program
+    digest = file_digest(source) if source is not None else _state_digest(loaded.model)
     return InProcessScorer(
-        model,
-        layer or entry.target_layer,
-        entry.labels,
-        (entry.input_size[1], entry.input_size[2]),
-        entry.mean,
-        entry.std,
-        file_digest(Path(store) / entry.state_dict),
+        loaded.model,
+        layer or spec.layer,
+        spec.labels,
+        (spec.input_size[1], spec.input_size[2]),
+        spec.mean,
+        spec.std,
+        digest,
     )
+
+
+def load_zoo_scorer(store: str | Path, name: str, layer: str | None = None) -> InProcessScorer:
+    """An in-process scorer of a model of the demo zoo's store (see :func:`load_scorer`)."""
+    return load_scorer(name, store, layer)

@@ -1,1 +1,1 @@
-"""Wire formats at the edge: the HTTP/JSON codec the TorchServe handlers use."""
+"""Wire formats at the edge: :mod:`camserve.codecs.http` is the JSON/HTTP codec of the handlers."""

@@ -1,11 +1,5 @@
-"""What the TorchServe handlers and the gRPC gateway share (no ``ts`` imports here).
-
-Modules: :mod:`~camserve.serving.images` (decoding with caps),
-:mod:`~camserve.serving.request` and :mod:`~camserve.serving.response` (the wire
-format), :mod:`~camserve.serving.batch` and :mod:`~camserve.serving.tasks` (from
-a batch of requests to engine calls and back), :mod:`~camserve.serving.metrics`
-(every metric), :mod:`~camserve.serving.launcher` and
-:mod:`~camserve.serving.archive` (running TorchServe).
+"""Running TorchServe: :mod:`~camserve.serving.launcher` (process control) and the
+``build-models``, ``serve`` and ``stop`` commands (:mod:`~camserve.serving.commands`).
 """
 
 __all__: list[str] = []

@@ -18,11 +18,11 @@ def _store(args: argparse.Namespace) -> Path:
 
 
 def _build_models(args: argparse.Namespace) -> int:
-    from camserve.serving.archive import build_archives, build_zoo, write_examples
+    from camserve.torchserve.archive import build_zoo, build_zoo_archives, write_examples
 
     store = _store(args)
     build_zoo(store, force=args.force)
-    for mar in build_archives(store):
+    for mar in build_zoo_archives(store):
         print(f"[camserve] archived {mar}")
     write_examples(store)
     return 0

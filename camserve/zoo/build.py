@@ -27,7 +27,14 @@ import torch
 from camserve.zoo.coco import write_dataset
 from camserve.zoo.models import VGGFC, Captioner, ResNetGAP, VQAModel, trunk_state_from_resnet
 from camserve.zoo.scenes import CLASS_NAMES, Scene, generate_scenes
-from camserve.zoo.store import MANIFEST, ModelEntry, ModelKind, read_manifest, write_manifest
+from camserve.zoo.store import (
+    MANIFEST,
+    ModelEntry,
+    ModelKind,
+    read_manifest,
+    write_manifest,
+    write_specs,
+)
 from camserve.zoo.text import ANSWERS, CAPTION_WORDS, QUESTION_WORDS, Vocab
 from camserve.zoo.train import (
     MEAN,
@@ -141,6 +148,7 @@ def build(out: str | Path, cfg: BuildConfig = BuildConfig(),
         "datasets": {"single_test": "datasets/single_test", "multi_test": "datasets/multi_test"},
     }
     write_manifest(store, entries, info)
+    write_specs(store)
     _write_metrics(store, entries, info)
     log(f"[build] done in {info['build_seconds']} s "
         f"({info['build_cpu_seconds']} s CPU, {info['threads']} threads)")

@@ -18,9 +18,19 @@ import torch
 from torch import nn
 
 from camserve.errors import InvalidRequestError, UnknownNameError
-from camserve.zoo.models import build_model
+from camserve.models import ModelSpec, write_spec
+from camserve.zoo.models import ARCHITECTURES, build_model
 
-__all__ = ["MANIFEST", "ModelEntry", "ModelKind", "load", "read_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "ModelEntry",
+    "ModelKind",
+    "load",
+    "model_spec",
+    "read_manifest",
+    "write_manifest",
+    "write_specs",
+]
 
 MANIFEST = "manifest.json"
 ModelKind = Literal["classifier", "captioner", "vqa"]
@@ -132,3 +142,29 @@ def load(store: str | Path, name: str,
     if device is not None:
         model = model.to(device)
     return model.eval(), entry
+
+
+def model_spec(store: str | Path, entry: ModelEntry) -> ModelSpec:
+    """The :class:`ModelSpec` of a manifest entry (factory: the architecture's class)."""
+    cls = ARCHITECTURES[entry.arch]
+    return ModelSpec(
+        name=entry.name,
+        kind=entry.kind,
+        layer=entry.target_layer,
+        input_size=entry.input_size,
+        mean=entry.mean,
+        std=entry.std,
+        labels=entry.labels,
+        vocab=entry.vocab,
+        factory=f"{cls.__module__}:{cls.__name__}",
+        factory_kwargs=dict(entry.kwargs),
+        weights=Path(store).resolve() / entry.state_dict,
+        extra={"metrics": dict(entry.metrics), "seed": entry.seed, "source": "camserve.zoo"},
+    )
+
+
+def write_specs(store: str | Path) -> list[Path]:
+    """Writes ``<store>/<name>.toml``, the model spec of every model in the manifest."""
+    _, entries = read_manifest(store)
+    folder = Path(store)
+    return [write_spec(model_spec(store, e), folder / f"{e.name}.toml") for e in entries.values()]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from camserve.serving.metrics import METRICS
+from camserve.service.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camserve.serving.archive import zoo_models
 from camserve.serving.launcher import REPO_ROOT, ServeConfig, TorchServe
+from camserve.torchserve.archive import zoo_models
 
 STORE = REPO_ROOT / "model_store"
 

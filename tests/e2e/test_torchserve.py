@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from camserve.codecs.http import decode_map
 from camserve.engine import Explainer
 from camserve.serving.launcher import REPO_ROOT, TorchServe
-from camserve.serving.response import decode_map
 
 from .conftest import STORE, Reply, model_of, post, scene_png
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def engine_maps(name: str, image: bytes, inputs_extra: Any = None, **kw: Any) -> Any:
     """The engine called directly on the same image and model (the zoo's own loader)."""
     from camserve import zoo
-    from camserve.serving.images import InputTransform, decode_image
+    from camserve.service.images import InputTransform, decode_image
 
     model, entry = zoo.load(STORE, name)
     _, h, w = entry.input_size

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from camserve.codecs.http import decode_map
 from camserve.errors import InvalidRequestError
-from camserve.serving.archive import zoo_models
 from camserve.serving.launcher import DEPLOY_DIR, REPO_ROOT
-from camserve.serving.response import decode_map
+from camserve.torchserve.archive import zoo_models
 
 with warnings.catch_warnings():  # TorchServe leaves ts/version.txt open at import
     warnings.simplefilter("ignore", ResourceWarning)

@@ -1,4 +1,4 @@
-"""The batch runner: shared engine calls, same numbers as the engine, per-item errors."""
+"""The handlers' JSON path: shared engine calls, same numbers as the engine, per-item errors."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from camserve.codecs.http import decode_map
 from camserve.engine import Explainer
-from camserve.serving.batch import BatchRunner
-from camserve.serving.images import decode_image
-from camserve.serving.response import decode_map
+from camserve.service.images import decode_image
 
-from .conftest import LABELS, TRANSFORM, RecordingSink, json_item, make_runner, png
+from .conftest import LABELS, TRANSFORM, JsonRunner, RecordingSink, json_item, make_runner, png
 
 
 def engine_direct(model: nn.Module, layer: str, image: bytes, **kw: Any) -> Any:
@@ -178,11 +177,16 @@ def test_empty_batch(gap_model: nn.Module) -> None:
 
 def test_metrics_per_stage_method_and_request(gap_model: nn.Module) -> None:
     sink = RecordingSink()
-    runner = BatchRunner(make_runner(gap_model).task, metrics=sink)
+    runner = JsonRunner(make_runner(gap_model).task, sink)
     runner.run([json_item(png(1), methods=["gradcam", "xgradcam"]), json_item(b"nope")])
     names = {(n, tuple(sorted(lab.items()))) for n, _, lab in sink.records}
-    assert ("camserve_method_latency_seconds", (("method", "gradcam"), ("model", "tiny"))) in names
-    assert ("camserve_stage_latency_seconds", (("model", "tiny"), ("stage", "forward"))) in names
+    cpu = ("device", "cpu")
+    assert (
+        "camserve_method_latency_seconds",
+        (cpu, ("method", "gradcam"), ("model", "tiny")),
+    ) in names
+    forward = (cpu, ("model", "tiny"), ("stage", "forward"))
+    assert ("camserve_stage_latency_seconds", forward) in names
     statuses = sorted(lab["status"] for n, _, lab in sink.records if n == "camserve_requests_total")
     assert statuses == ["InvalidImageError", "ok"]
     assert all(v >= 0 for _, v, _ in sink.records)
@@ -200,7 +204,7 @@ def test_an_unexpected_failure_answers_500_for_that_item_only(
             raise RuntimeError("a bug")
         real_prepare(item)
 
-    task.prepare = prepare  # type: ignore[method-assign]
+    task.prepare = prepare  # type: ignore[method-assign]  # a bug, injected
     results = runner.run([json_item(png(1)), json_item(png(2), layer="features.1")])
     assert [r.status for r in results] == [200, 500]
     assert body(results[1])["error"]["type"] == "InternalError"

@@ -9,11 +9,16 @@ from typing import Any
 
 import pytest
 
+from camserve.codecs import http
 from camserve.errors import InvalidRequestError
-from camserve.serving.request import DEFAULT_METHODS, ExplainRequest, parse_request
+from camserve.service.request import DEFAULT_METHODS, ExplainRequest
 
 IMG = b"\x89PNG\r\n\x1a\nfake"
 B64 = base64.b64encode(IMG).decode()
+
+
+def parse_request(data: Any, headers: dict[str, str] | None = None) -> ExplainRequest:
+    return http.parse_request(data, headers, model="m")
 
 
 def test_json_body_as_dict_with_all_options() -> None:
@@ -32,6 +37,7 @@ def test_json_body_as_dict_with_all_options() -> None:
         }
     )
     assert req == ExplainRequest(
+        model="m",
         image=IMG,
         methods=("gradcam", "gradcampp"),
         class_ids=(3, 1),
@@ -130,3 +136,26 @@ def test_json_array_body_is_refused() -> None:
     # an already-parsed list is refused here.
     with pytest.raises(InvalidRequestError, match="got list"):
         parse_request({"body": [1, 2]})
+
+
+def test_method_options_as_a_json_field_or_header() -> None:
+    req = parse_request({"body": {"image": B64, "methods": ["occlusion"],
+                                  "options": {"occlusion": {"mask": 8, "stride": 4}}}})
+    assert req.options == {"occlusion": {"mask": 8, "stride": 4}}
+    req = parse_request({"body": IMG}, {"X-Camserve-Options": '{"gradcampp": {"stats": true}}'})
+    assert req.options == {"gradcampp": {"stats": True}}
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"occlusion": {"mask": "big"}}, "option occlusion.mask must be int, got 'big'"),
+        ({"occlusion": {"size": 3}}, "unknown option 'occlusion.size'"),
+        ({"nosuch": {}}, "unknown method 'nosuch'"),
+        ({"ablationcam": {"form": "max"}}, "unknown ablationcam.form value 'max'"),
+        ([1], "options must map method ids to objects"),
+    ],
+)
+def test_bad_method_options(options: Any, needle: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(needle)):
+        parse_request({"body": {"image": B64, "options": options}})

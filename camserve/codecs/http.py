@@ -1,4 +1,4 @@
-"""The request side of the wire format, shared by the TorchServe handlers and the gateway.
+"""The HTTP/JSON codec of the TorchServe handlers: wire format <-> the service's types.
 
 A request is either
 
@@ -7,7 +7,18 @@ A request is either
   or in headers named ``X-Camserve-<Option>`` (``X-Camserve-Methods: gradcam``).
 
 JSON fields win over query parameters, which win over headers. See the README for
-the full schema.
+the full schema. :func:`parse_request` turns one into an
+:class:`~camserve.service.ExplainRequest`.
+
+An answer is compact JSON (:func:`encode_outcome`). A map is sent as
+``{"shape": [h, w], "dtype": "float32", "data": "<base64 little-endian float32,
+row-major>"}`` (``raw``: at the layer's resolution; ``normalized``: min-max
+normalised to [0, 1] and upsampled to the model's input size), or as
+``{"format": "png", "data": "<base64 PNG>"}`` (a heat-map overlay on the input
+image), or not at all (``box``). Every map entry carries ``box``: the
+weak-localization box (003 eq. 3) in the caller's image pixels. Errors answer
+their HTTP status from :data:`HTTP_STATUS` with
+``{"error": {"type", "status", "message"}}``.
 """
 
 from __future__ import annotations
@@ -16,32 +27,58 @@ import base64
 import binascii
 import json
 import math
+import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from camserve.errors import InvalidRequestError
+import numpy as np
+
+from camserve.errors import (
+    CamserveError,
+    DeadlineExceededError,
+    ImageTooLargeError,
+    InternalError,
+    InvalidRequestError,
+    ModelFailureError,
+    OverloadedError,
+    UnavailableError,
+)
+from camserve.service.outcomes import ExplainError, ExplainResult, MapResult, Outcome, TargetResult
+from camserve.service.request import (
+    DEFAULT_METHODS,
+    DEFAULT_THRESHOLD,
+    OUTPUTS,
+    SCORES,
+    ExplainRequest,
+)
+from camserve.service.settings import DEFAULT_MAX_METHODS as MAX_METHODS
+from camserve.service.settings import DEFAULT_MAX_TARGETS as MAX_TARGETS
 
 __all__ = [
-    "DEFAULT_METHODS",
-    "DEFAULT_THRESHOLD",
     "HEADER_PREFIX",
-    "MAX_METHODS",
-    "MAX_TARGETS",
+    "HTTP_STATUS",
     "OPTIONS",
-    "OUTPUTS",
-    "SCORES",
-    "ExplainRequest",
+    "decode_map",
+    "dumps",
+    "encode_error",
+    "encode_outcome",
+    "http_status",
     "parse_request",
+    "spliced",
 ]
 
-DEFAULT_METHODS = ("gradcam",)
-DEFAULT_THRESHOLD = 0.15
-"""Weak-localization threshold: 15% of the map's maximum (003 eq. 3)."""
-SCORES = ("logit", "probability")
-OUTPUTS = ("raw", "normalized", "png", "box")
-MAX_METHODS = 8
-MAX_TARGETS = 20
+HTTP_STATUS: dict[type[CamserveError], int] = {
+    CamserveError: 500,
+    InvalidRequestError: 400,
+    ImageTooLargeError: 413,
+    ModelFailureError: 500,
+    InternalError: 500,
+    OverloadedError: 503,
+    UnavailableError: 503,
+    DeadlineExceededError: 504,
+}
+"""Error type -> HTTP status; a subclass takes its nearest listed ancestor's."""
+
 HEADER_PREFIX = "x-camserve-"
 OPTIONS = (
     "methods",
@@ -54,46 +91,10 @@ OPTIONS = (
     "threshold",
     "question",
     "answers",
+    "options",
 )
 _IMAGE_KEYS = ("image",)
 _BODY_KEYS = ("body", "data")
-
-
-@dataclass(frozen=True)
-class ExplainRequest:
-    """One caller's request, validated for types and ranges (not yet against a model).
-
-    Attributes:
-        image: the encoded PNG/JPEG bytes.
-        methods: method ids, in the caller's order, without duplicates.
-        top_k: explain the k best classes (classifier); None when ids/labels are given.
-        class_ids: class ids to explain (classifier).
-        labels: class labels to explain (classifier), resolved against the model's labels.
-        layer: the layer to explain at; None = the model's default layer.
-        score: ``logit`` or ``probability`` (post-softmax, 002 footnote 1).
-        output: ``raw`` (layer resolution), ``normalized`` (min-max, input size),
-            ``png`` (overlay) or ``box`` (the box only).
-        threshold: weak-localization threshold as a fraction of the map's max (003).
-        question: the question (VQA).
-        answers: further answers to explain besides the model's own (VQA, 001 Fig. A3).
-    """
-
-    image: bytes
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    top_k: int | None = None
-    class_ids: tuple[int, ...] = ()
-    labels: tuple[str, ...] = ()
-    layer: str | None = None
-    score: str = "logit"
-    output: str = "normalized"
-    threshold: float = DEFAULT_THRESHOLD
-    question: str | None = None
-    answers: tuple[str, ...] = ()
-
-    @property
-    def k(self) -> int:
-        """Top-k to use when no explicit targets are named (default 1)."""
-        return 1 if self.top_k is None else self.top_k
 
 
 def _text(value: object) -> object:
@@ -233,10 +234,15 @@ def _options_from(source: Mapping[str, Any]) -> dict[str, object]:
 def parse_request(
     data: Mapping[str, Any] | bytes | str,
     headers: Mapping[str, str] | None = None,
+    *,
+    model: str,
+    request_id: str = "",
 ) -> ExplainRequest:
     """Parses one request from the body, query parameters and headers.
 
     Args:
+        model: the model the request is for (TorchServe's model name).
+        request_id: the caller's id of the request.
         data: either the raw body, or TorchServe's per-request mapping (the body
             under ``body`` or ``data``; query parameters and gRPC input fields as
             further keys). A JSON body may already be parsed into a dict.
@@ -291,10 +297,26 @@ def parse_request(
         raise InvalidRequestError(
             f"the request body must be an image or a JSON object, got {type(body).__name__}"
         )
-    return _build(image, options)
+    return _build(image, options, model, request_id)
 
 
-def _build(image: bytes, options: Mapping[str, object]) -> ExplainRequest:
+def _method_options(value: object) -> dict[str, dict[str, Any]]:
+    value = _text(value)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"options is not a JSON object: {exc}") from exc
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise InvalidRequestError(
+            f"options must map method ids to objects of options, got {value!r}"
+        )
+    return value
+
+
+def _build(
+    image: bytes, options: Mapping[str, object], model: str, request_id: str
+) -> ExplainRequest:
     methods = _str_list("methods", options["methods"]) if "methods" in options else DEFAULT_METHODS
     if not methods:
         raise InvalidRequestError("methods is empty: name at least one method")
@@ -311,6 +333,8 @@ def _build(image: bytes, options: Mapping[str, object]) -> ExplainRequest:
     if len(answers) > MAX_TARGETS:
         raise InvalidRequestError(f"at most {MAX_TARGETS} answers per request")
     return ExplainRequest(
+        model=model,
+        request_id=request_id,
         image=image,
         methods=methods,
         top_k=top_k,
@@ -328,4 +352,165 @@ def _build(image: bytes, options: Mapping[str, object]) -> ExplainRequest:
         ),
         question=_string("question", options["question"]) if "question" in options else None,
         answers=answers,
+        options=_method_options(options["options"]) if "options" in options else {},
     )
+
+
+class Spliced:
+    """A base64 string that :func:`dumps` writes verbatim, without scanning it for escapes.
+
+    Scanning a 22 KB map for characters to escape costs more than the rest of a
+    response's JSON; base64 has none. Build one only with :func:`spliced`.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def spliced(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` (from :func:`encode_map`) with its base64 ``data`` marked for :func:`dumps`."""
+    data = entry.get("data")
+    if isinstance(data, str):
+        entry["data"] = Spliced(data)
+    return entry
+
+
+_NONCE = secrets.token_hex(16)
+_MARK = json.dumps(_NONCE)
+
+
+def _plain(obj: Any) -> str:
+    if isinstance(obj, Spliced):
+        return obj.text
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def dumps(payload: Any) -> str:
+    """Compact JSON (no spaces; NaN and inf are refused); :class:`Spliced` strings as strings."""
+    blobs: list[str] = []
+
+    def mark(obj: Any) -> str:
+        if isinstance(obj, Spliced):
+            blobs.append(obj.text)
+            return _NONCE
+        return _plain(obj)
+
+    out = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=mark)
+    if not blobs:
+        return out
+    parts = out.split(_MARK)
+    if len(parts) != len(blobs) + 1:  # the random marker also occurs in the payload's text
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_plain)
+    pieces = [parts[0]]
+    for blob, part in zip(blobs, parts[1:], strict=True):
+        pieces += ['"', blob, '"', part]
+    return "".join(pieces)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _float_map(m: np.ndarray) -> dict[str, Any]:
+    arr = np.ascontiguousarray(m, dtype="<f4")
+    return {"shape": list(arr.shape), "dtype": "float32", "data": _b64(arr.tobytes())}
+
+
+def decode_map(entry: Mapping[str, Any]) -> np.ndarray:
+    """Inverse of the float32 encoding: the map as a NumPy array (for clients and tests)."""
+    raw = base64.b64decode(entry["data"])
+    return np.frombuffer(raw, dtype="<f4").reshape(entry["shape"])
+
+
+def http_status(error: CamserveError) -> int:
+    """The HTTP status of an error (:data:`HTTP_STATUS`, by its nearest listed class)."""
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def encode_error(error: CamserveError) -> tuple[int, str, str]:
+    """(HTTP status, message, JSON body) for a per-request error."""
+    status = http_status(error)
+    message = str(error)
+    body = dumps({"error": {"type": type(error).__name__, "status": status, "message": message}})
+    return status, message, body
+
+
+def encode_map(entry: MapResult) -> dict[str, Any]:
+    """One map entry of the response (see the module docstring); base64 data spliced."""
+    if entry.png is not None:
+        out: dict[str, Any] = {"format": "png", "data": Spliced(_b64(entry.png))}
+    elif entry.data is not None:
+        out = _float_map(entry.data)
+        out["data"] = Spliced(out["data"])
+    else:
+        out = {}
+    if entry.box is not None:
+        out["box"] = list(entry.box)
+    return out
+
+
+def _target(t: TargetResult) -> dict[str, Any]:
+    score = round(t.score, 6)
+    if t.kind == "word":
+        head: dict[str, Any] = {"word": t.label, "position": t.position, "score": score}
+    elif t.kind == "caption":
+        head = {"caption": t.label, "score": score}
+    elif t.kind == "answer":
+        head = {"answer": t.label, "score": score}
+    else:
+        head = {"id": t.id, "label": t.label, "score": score}
+    head["maps"] = {m: encode_map(e) for m, e in t.maps.items()}
+    return head
+
+
+def _head(res: ExplainResult) -> dict[str, Any]:
+    if res.kind == "captioner":
+        return {"caption": res.caption, "words": list(res.words)}
+    if res.kind == "vqa":
+        return {
+            "question": res.question,
+            "answer": res.answer,
+            "answers": [
+                {"answer": p.label, "probability": round(p.probability, 6)} for p in res.predictions
+            ],
+        }
+    preds = []
+    for p in res.predictions:
+        entry: dict[str, Any] = {
+            "id": p.id,
+            "label": p.label,
+            "probability": round(p.probability, 6),
+        }
+        if p.logit is not None:
+            entry["logit"] = round(p.logit, 6)
+        preds.append(entry)
+    return {"predictions": preds}
+
+
+def encode_result(res: ExplainResult) -> str:
+    """The compact JSON answer to one request (the README's response format)."""
+    payload = {
+        "model": res.model,
+        "layer": res.layer,
+        "score": res.score,
+        "output": res.output,
+        "image_size": list(res.image_size),
+        "input_size": list(res.input_size),
+        **_head(res),
+        "explanations": [_target(t) for t in res.targets],
+        "timings": {k: round(v, 6) for k, v in res.timings.items()},
+        "batch_size": res.batch_size,
+    }
+    return dumps(payload)
+
+
+def encode_outcome(outcome: Outcome) -> tuple[int, str, str]:
+    """(HTTP status, error message or ``""``, JSON body) of one outcome."""
+    if isinstance(outcome, ExplainError):
+        return encode_error(outcome.error)
+    return 200, "", encode_result(outcome)

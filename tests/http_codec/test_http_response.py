@@ -11,28 +11,43 @@ import pytest
 import torch
 from PIL import Image
 
-from camserve.errors import ImageTooLargeError, UnknownNameError
-from camserve.serving import response
-from camserve.serving.response import (
-    decode_map,
-    dumps,
-    encode_error,
-    encode_map,
-    overlay_png,
-    scale_box,
-    spliced,
+from camserve.codecs import http as response
+from camserve.codecs.http import decode_map, dumps, encode_error, encode_map, spliced
+from camserve.errors import (
+    CamserveError,
+    DeadlineExceededError,
+    ImageTooLargeError,
+    InternalError,
+    ModelFailureError,
+    OverloadedError,
+    UnavailableError,
+    UnknownNameError,
 )
+from camserve.render import overlay_png, scale_box
+from camserve.service.outcomes import MapResult
+
+
+def entry(output: str, raw: torch.Tensor, norm: torch.Tensor, box: list[int], image=None):  # type: ignore[no-untyped-def]
+    """The codec's map entry for ``output``, as the service would build it."""
+    png = overlay_png(norm, image) if output == "png" else None
+    data = {"raw": raw.numpy(), "normalized": norm.numpy()}.get(output)
+    m = MapResult("gradcam", "layer", data=data, png=png, box=(box[0], box[1], box[2], box[3]))
+    out = encode_map(m)
+    if isinstance(out.get("data"), response.Spliced):
+        out["data"] = out["data"].text
+    return out
 
 
 def test_float32_maps_round_trip_exactly() -> None:
     raw = torch.randn(3, 5)
     norm = torch.rand(8, 10)
-    r = encode_map("raw", raw, norm, [0, 0, 1, 1])
+    r = entry("raw", raw, norm, [0, 0, 1, 1])
     assert r["shape"] == [3, 5] and r["dtype"] == "float32" and r["box"] == [0, 0, 1, 1]
     np.testing.assert_array_equal(decode_map(r), raw.numpy())
-    n = encode_map("normalized", raw, norm, [0, 0, 1, 1])
+    n = entry("normalized", raw, norm, [0, 0, 1, 1])
     np.testing.assert_array_equal(decode_map(n), norm.numpy())
-    assert encode_map("box", raw, norm, [1, 2, 3, 4]) == {"box": [1, 2, 3, 4]}
+    assert entry("box", raw, norm, [1, 2, 3, 4]) == {"box": [1, 2, 3, 4]}
+    assert encode_map(MapResult("gradcam", "layer")) == {}  # no box asked for
 
 
 def test_png_overlay_is_a_png_of_the_input_size() -> None:
@@ -43,10 +58,9 @@ def test_png_overlay_is_a_png_of_the_input_size() -> None:
     assert img.size == (4, 6)
     px = np.asarray(img)
     assert not np.array_equal(px[0, 0], px[5, 3])  # hot and cold pixels differ
-    entry = encode_map("png", torch.zeros(2, 2), norm, [0, 0, 0, 0], image)
-    assert Image.open(io.BytesIO(base64.b64decode(entry["data"]))).format == "PNG"
-    with pytest.raises(ValueError, match="needs the input image"):
-        encode_map("png", torch.zeros(2, 2), norm, [0, 0, 0, 0])
+    e = entry("png", torch.zeros(2, 2), norm, [0, 0, 0, 0], image)
+    assert Image.open(io.BytesIO(base64.b64decode(e["data"]))).format == "PNG"
+    assert e["format"] == "png" and e["box"] == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -63,7 +77,7 @@ def test_boxes_are_scaled_to_the_callers_image(
     image_size: tuple[int, int],
     want: list[int],
 ) -> None:
-    assert scale_box(box, input_size, image_size) == want
+    assert list(scale_box(box, input_size, image_size)) == want
 
 
 def test_errors_carry_status_type_and_message() -> None:
@@ -75,6 +89,22 @@ def test_errors_carry_status_type_and_message() -> None:
     assert encode_error(ImageTooLargeError("too big"))[0] == 413
 
 
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (CamserveError("x"), 500),
+        (InternalError("x"), 500),
+        (ModelFailureError("nan", model="m"), 500),
+        (OverloadedError("x"), 503),
+        (UnavailableError("x"), 503),
+        (DeadlineExceededError("x"), 504),
+    ],
+)
+def test_the_http_table(error: CamserveError, status: int) -> None:
+    assert response.http_status(error) == status
+    assert json.loads(encode_error(error)[2])["error"]["status"] == status
+
+
 def test_dumps_is_compact_and_refuses_nan() -> None:
     assert dumps({"a": [1, 2]}) == '{"a":[1,2]}'
     with pytest.raises(ValueError):
@@ -84,8 +114,8 @@ def test_dumps_is_compact_and_refuses_nan() -> None:
 def test_spliced_maps_give_the_same_json_as_plain_strings() -> None:
     raw, norm = torch.rand(3, 4), torch.rand(6, 8)
     entries = [
-        encode_map("normalized", raw, norm, [0, 1, 2, 3]),
-        encode_map("raw", raw, norm, [1, 1, 1, 1]),
+        entry("normalized", raw, norm, [0, 1, 2, 3]),
+        entry("raw", raw, norm, [1, 1, 1, 1]),
     ]
     plain = {"a": [dict(e) for e in entries], "q": 'x"y\\', "n": 0.5}
     marked = {"a": [spliced(dict(e)) for e in entries], "q": 'x"y\\', "n": 0.5}

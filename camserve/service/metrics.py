@@ -1,20 +1,23 @@
 """Every metric camserve exports, declared once, with adapters for two back-ends.
 
-Latencies are histograms in seconds (Prometheus' default buckets, 5 ms to 10 s),
-with a small fixed label set: model, method, stage, status. The TorchServe
-handlers record through :class:`TorchServeMetrics` (TorchServe forwards them to
-its Prometheus endpoint, but only metrics declared in its metrics YAML:
+Latencies are histograms in seconds with buckets from 0.1 ms to 60 s
+(:data:`LATENCY_BUCKETS`: explanation work ranges from a cached Grad-CAM to a
+Score-CAM of a large batch), with a small fixed label set: model, method, stage,
+status, device. The TorchServe handlers record through
+:class:`camserve.torchserve.metrics.TorchServeMetrics` (TorchServe forwards them
+to its Prometheus endpoint, but only metrics declared in its metrics YAML:
 ``deploy/torchserve/metrics.yaml`` must list all of :data:`METRICS`, a test
 checks it); the gRPC gateway records through :class:`PrometheusMetrics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 __all__ = [
+    "LATENCY_BUCKETS",
     "METHOD_LATENCY",
     "METRICS",
     "REQUESTS",
@@ -24,12 +27,18 @@ __all__ = [
     "MetricsSink",
     "NullMetrics",
     "PrometheusMetrics",
-    "TorchServeMetrics",
+    "label_values",
     "record_batch",
     "torchserve_model_metrics",
 ]
 
 Kind = Literal["histogram", "counter"]
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+"""Histogram bucket bounds in seconds: 0.1 ms to 60 s."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,13 @@ REQUEST_LATENCY = MetricSpec(
 STAGE_LATENCY = MetricSpec(
     "camserve_stage_latency_seconds",
     "histogram",
-    ("model", "stage"),
-    "Time per stage of a batch (decode, preprocess, forward, backward, upsample, encode, ...).",
+    ("model", "stage", "device"),
+    "Time per stage of a batch (decode, forward, backward, upsample, encode, ...).",
 )
 METHOD_LATENCY = MetricSpec(
     "camserve_method_latency_seconds",
     "histogram",
-    ("model", "method"),
+    ("model", "method", "device"),
     "Time spent computing one method's maps for a batch (after the shared forward/backward).",
 )
 REQUESTS = MetricSpec(
@@ -85,37 +94,16 @@ class NullMetrics:
         """Does nothing."""
 
 
-def _values(spec: MetricSpec, labels: Mapping[str, str]) -> list[str]:
+def label_values(spec: MetricSpec, labels: Mapping[str, str]) -> list[str]:
+    """The label values of ``labels`` in ``spec``'s declaration order.
+
+    Raises:
+        KeyError: a label of the spec is missing.
+    """
     missing = [n for n in spec.labels if n not in labels]
     if missing:
         raise KeyError(f"metric {spec.name} needs labels {missing}")
     return [str(labels[n]) for n in spec.labels]
-
-
-class TorchServeMetrics:
-    """Adapter for TorchServe's ``context.metrics`` (a metrics cache from the YAML).
-
-    Args:
-        cache: ``context.metrics`` of the handler.
-        metric_type: TorchServe's ``MetricTypes`` enum (passed in, so that this
-            module does not import ``ts``); ``metric_type("histogram")`` must work.
-    """
-
-    def __init__(self, cache: Any, metric_type: Callable[[str], Any]) -> None:
-        self._cache = cache
-        self._type = metric_type
-        self._metrics: dict[str, Any] = {}
-
-    def record(self, spec: MetricSpec, value: float, labels: Mapping[str, str]) -> None:
-        """Emits one value with the declared dimensions, in declaration order."""
-        if self._cache is None:
-            return
-        metric = self._metrics.get(spec.name)
-        if metric is None:
-            metric = self._cache.get_metric(spec.name, self._type(spec.kind))
-            self._metrics[spec.name] = metric
-        # A fresh list every call: TorchServe appends default dimensions to lists.
-        metric.add_or_update(float(value), _values(spec, labels))
 
 
 class PrometheusMetrics:
@@ -133,7 +121,7 @@ class PrometheusMetrics:
         for spec in METRICS:
             if spec.kind == "histogram":
                 self._metrics[spec.name] = prom.Histogram(
-                    spec.name, spec.help, list(spec.labels), **kw
+                    spec.name, spec.help, list(spec.labels), buckets=LATENCY_BUCKETS, **kw
                 )
             else:
                 name = spec.name.removesuffix("_total")
@@ -141,7 +129,7 @@ class PrometheusMetrics:
 
     def record(self, spec: MetricSpec, value: float, labels: Mapping[str, str]) -> None:
         """Observes the value (histogram) or increments by it (counter)."""
-        child = self._metrics[spec.name].labels(*_values(spec, labels))
+        child = self._metrics[spec.name].labels(*label_values(spec, labels))
         if spec.kind == "histogram":
             child.observe(float(value))
         else:
@@ -153,6 +141,7 @@ def record_batch(
     model: str,
     timings: Mapping[str, float],
     requests: list[tuple[str, float]],
+    device: str = "cpu",
 ) -> None:
     """Records one batch: stage and method timings, then each request's status and latency.
 
@@ -160,13 +149,16 @@ def record_batch(
         sink: where to record.
         model: the model name label.
         timings: seconds per stage; ``method.<id>`` keys go to the method histogram.
-        requests: (status, seconds) per request; status is ``ok`` or an error type.
+        requests: (status, seconds) per request; status is ``ok`` or an error
+            type; seconds are the request's own latency.
+        device: the device label (``cpu``, ``cuda:0``).
     """
     for key, seconds in timings.items():
         if key.startswith("method."):
-            sink.record(METHOD_LATENCY, seconds, {"model": model, "method": key[7:]})
+            labels = {"model": model, "method": key[7:], "device": device}
+            sink.record(METHOD_LATENCY, seconds, labels)
         else:
-            sink.record(STAGE_LATENCY, seconds, {"model": model, "stage": key})
+            sink.record(STAGE_LATENCY, seconds, {"model": model, "stage": key, "device": device})
     for status, seconds in requests:
         sink.record(REQUEST_LATENCY, seconds, {"model": model, "status": status})
         sink.record(REQUESTS, 1.0, {"model": model, "status": status})

@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camserve.codecs.http import decode_map
 from camserve.engine import Explainer
-from camserve.serving.batch import BatchRunner
-from camserve.serving.images import decode_image
-from camserve.serving.response import decode_map
-from camserve.serving.text_tasks import CaptionTask, VQATask
+from camserve.service.images import decode_image
+from camserve.service.tasks import CaptionTask, VQATask
 
-from .conftest import TRANSFORM, json_item, png
+from .conftest import TRANSFORM, JsonRunner, json_item, png
 
 VOCAB = ["<pad>", "<eos>", "a", "red", "blue", "circle", "square"]
 ANSWERS = ["red", "blue", "circle", "square", "yes", "no"]
@@ -73,17 +72,17 @@ def tokenize(text: str) -> list[int]:
     return [QWORDS.index(w) if w in QWORDS else 1 for w in text.lower().rstrip("?").split()]
 
 
-def caption_runner() -> tuple[BatchRunner, nn.Module]:
+def caption_runner() -> tuple[JsonRunner, nn.Module]:
     torch.manual_seed(2)
     model = TinyCaptioner().eval()
     task = CaptionTask("cap", model, model.generate, VOCAB, 1, "enc.1", TRANSFORM)
-    return BatchRunner(task), model
+    return JsonRunner(task), model
 
 
-def vqa_runner() -> tuple[BatchRunner, nn.Module]:
+def vqa_runner() -> tuple[JsonRunner, nn.Module]:
     torch.manual_seed(3)
     model = TinyVQA().eval()
-    return BatchRunner(VQATask("vqa", model, ANSWERS, tokenize, "cnn.1", TRANSFORM)), model
+    return JsonRunner(VQATask("vqa", model, ANSWERS, tokenize, "cnn.1", TRANSFORM)), model
 
 
 def body(r: Any) -> dict[str, Any]:

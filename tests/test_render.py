@@ -1,0 +1,66 @@
+"""Render: scipy boxes equal the engine's, matplotlib colours, overlays, box scaling."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matplotlib import colormaps
+from PIL import Image
+
+from camserve.engine.maps import localization_box as engine_box
+from camserve.errors import InvalidRequestError
+from camserve.render import colorize, localization_box, overlay, overlay_png, scale_box
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 24),
+    st.integers(2, 24),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([0.0, 0.15, 0.5, 0.9, 1.0]),
+)
+def test_boxes_equal_the_engines(h: int, w: int, seed: int, threshold: float) -> None:
+    m = torch.from_numpy(np.random.default_rng(seed).standard_normal((h, w)).astype(np.float32))
+    assert localization_box(m, threshold) == engine_box(m, threshold)
+    assert localization_box(m.numpy(), threshold) == engine_box(m, threshold)
+
+
+def test_box_of_the_largest_region_and_edge_cases() -> None:
+    m = np.zeros((10, 12), np.float32)
+    m[1:3, 1:3] = 1.0  # 4 pixels
+    m[5:9, 6:11] = 0.9  # 20 pixels: the largest region
+    assert localization_box(m, 0.5) == (6, 5, 10, 8)
+    assert localization_box(np.zeros((4, 5), np.float32)) == (0, 0, 4, 3)
+    with pytest.raises(InvalidRequestError, match="must be"):
+        localization_box(np.zeros(3, np.float32))
+    with pytest.raises(InvalidRequestError, match="threshold"):
+        localization_box(m, 1.5)
+
+
+def test_colours_are_matplotlibs_jet() -> None:
+    v = np.linspace(0, 1, 11, dtype=np.float32)[None]
+    want = colormaps["jet"](v, bytes=True)[..., :3]
+    np.testing.assert_array_equal(colorize(v), want)
+    assert colorize(np.array([[np.nan, 2.0]], np.float32)).dtype == np.uint8
+
+
+def test_overlay_blends_and_encodes_a_png() -> None:
+    norm = np.zeros((6, 4), np.float32)
+    norm[0, 0] = 1.0
+    image = np.full((6, 4, 3), 100, np.uint8)
+    out = overlay(norm, image, alpha=0.5)
+    cold = colormaps["jet"](0.0, bytes=True)[:3]
+    np.testing.assert_allclose(out[5, 3], (np.array(cold) + 100) / 2, atol=1)
+    img = Image.open(io.BytesIO(overlay_png(norm, image)))
+    assert img.format == "PNG" and img.size == (4, 6)
+    np.testing.assert_array_equal(np.asarray(img), out)
+
+
+def test_scale_box_covers_the_same_pixels() -> None:
+    assert scale_box((0, 0, 63, 63), (64, 64), (128, 32)) == (0, 0, 127, 31)
+    assert scale_box((10, 20, 10, 20), (64, 64), (128, 128)) == (20, 40, 21, 41)
