@@ -88,3 +88,28 @@ def scenes_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         w.writeheader()
         w.writerows(rows)
     return root / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def photos_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos: scikit-learn's two sample images and matplotlib's Grace Hopper, each also
+    mirrored (6 images, no labels), as an image folder with a labels CSV."""
+    skd = pytest.importorskip("sklearn.datasets")
+    import matplotlib
+
+    sources = [Path(skd.__file__).parent / "images" / n for n in ("china.jpg", "flower.jpg")]
+    sources.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    root = tmp_path_factory.mktemp("photos")
+    rows = []
+    for src in sources:
+        with Image.open(src) as im:
+            rgb = im.convert("RGB")
+        for name, img in ((src.stem, rgb),
+                          (f"{src.stem}_mirrored", rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))):
+            img.save(root / f"{name}.png")
+            rows.append({"image": f"{name}.png", "label": ""})
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return root / "labels.csv"

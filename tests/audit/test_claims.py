@@ -101,3 +101,21 @@ def test_000_cam_family_scores_identically_on_the_gap_layer(resnet: InProcessSco
     assert cons["cam"] > 100 * cons["gradcam"]
     for pair, rp in s["relative_performance"].items():
         assert rp["relative_performance"] == pytest.approx(1.0, abs=1e-4), pair
+
+
+@pytest.mark.slow
+def test_002_on_efficientnet_lite0(photos_csv: Path, tmp_path: Path) -> None:
+    from camserve.audit.scorer import load_scorer
+
+    scorer = load_scorer("efficientnet_lite0")
+    ds = open_dataset(photos_csv)
+    # No photo is scored above 0.5 by the ImageNet model, so every image counts here
+    # (002 keeps images scored above 0.5 for the right class; these have no labels).
+    s = _audit(scorer, ds, tmp_path, 6, methods=("gradcam_pos", "gradcampp"),
+               metrics=("confidence", "alpha"), min_score=0.0, chunk_size=6)
+    rp = s["relative_performance"]["gradcampp vs gradcam_pos"]
+    assert rp["count"] == 6
+    assert rp["relative_performance"] == pytest.approx(1.0, abs=0.03)
+    alpha = s["methods"]["gradcampp"]["alpha"]
+    assert alpha["alpha_median"] == pytest.approx(0.5, abs=0.01)
+    assert alpha["alpha_near_half_share"] > 0.9
