@@ -46,8 +46,9 @@ METRICS: tuple[str, ...] = (
     "contrastivity",
     "rank_correlation",
 )
-"""Metric groups an audit can compute (``rank_correlation`` also runs occlusion; ``alpha``
-applies when ``gradcampp`` is among the methods)."""
+"""Metric groups an audit can compute (``rank_correlation`` also runs occlusion, by default
+with 001's 35 px mask and a 16 px stride scaled from 224 px to the input; ``alpha`` applies
+when ``gradcampp`` is among the methods)."""
 
 DEFAULT_METRICS = tuple(m for m in METRICS if m not in ("road", "rank_correlation"))
 """The default: ROAD (sparse solves) and rank correlation (occlusion) cost the most."""
@@ -231,10 +232,15 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
     probs = scorer.predict(prep.pixels)
     ids = _targets(probs, prep.labels, s.top_k)
     methods = list(s.methods)
+    options = dict(s.options)
     if "rank_correlation" in g and "occlusion" not in methods:
         methods.append("occlusion")
+        # 001 suggests a 35 px mask on 224 px images; scale it (and a 16 px stride) to ours.
+        side = min(scorer.input_size)
+        options.setdefault("occlusion", {"mask": max(3, round(35 * side / 224)),
+                                         "stride": max(1, round(16 * side / 224))})
     alpha = "alpha" in g and "gradcampp" in s.methods  # Grad-CAM++'s alphas, when it is audited
-    exp: Explained = scorer.explain(prep.pixels, methods, ids, s.options, alpha)
+    exp: Explained = scorer.explain(prep.pixels, methods, ids, options, alpha)
     top1 = ids[:, 0]
     y = probs[np.arange(n), top1]
     batch = _Batcher(s.score_batch)

@@ -188,3 +188,15 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(zoo_store: Path, scenes_c
     sa = json.loads((whole / "summary.json").read_text())
     sb = json.loads((killed / "summary.json").read_text())
     assert sa["methods"] == sb["methods"] and sa["images"] == sb["images"]
+
+
+def test_rank_correlation_with_occlusion(resnet: InProcessScorer, scenes_voc: Path,
+                                         tmp_path: Path) -> None:
+    settings = AuditSettings(methods=("gradcam", "counterfactual"), metrics=("rank_correlation",))
+    s = run_audit(resnet, open_dataset(scenes_voc), tmp_path, settings, limit=4, progress=False,
+                  report=False)
+    rho = {m: s["methods"][m]["rank_correlation"] for m in ("gradcam", "counterfactual")}
+    assert rho["gradcam"]["count"] == 4
+    # Grad-CAM ranks pixels as occlusion does (003 Table 3); the counterfactual map does not.
+    assert rho["gradcam"]["value"] > 0.5
+    assert rho["counterfactual"]["value"] < rho["gradcam"]["value"]
