@@ -216,3 +216,38 @@ def test_gradcam_at_the_default_layer_localises_the_object(
             inside = float(cam[y0 : y1 + 1, x0 : x1 + 1].sum()) / float(cam.sum())
             area = (x1 - x0 + 1) * (y1 - y0 + 1) / 224**2
             assert inside > 1.1 * area, (name, method, inside, area)
+
+
+def test_the_service_gives_the_answer_the_readme_shows() -> None:
+    # README, "A real pretrained model: EfficientNet-Lite0": the same code, the same answer.
+    import io
+
+    from camserve.models import resolve
+    from camserve.service import ExplainRequest, ExplainResult, ExplainService
+
+    def jpeg(name: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(load_sample_image(name)).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    service = ExplainService.from_specs([resolve("efficientnet_lite0")], device="cpu")
+    outcomes = service.run(
+        [
+            ExplainRequest(model="efficientnet_lite0", image=jpeg(name), top_k=2)
+            for name in ("china.jpg", "flower.jpg")
+        ]
+    )
+    shown = [
+        [("bell cote, bell cot", 0.302, (0, 0, 479, 394)), ("boathouse", 0.154, (0, 59, 594, 426))],
+        [("daisy", 0.142, (77, 51, 639, 426)), ("bee", 0.074, (74, 53, 565, 426))],
+    ]
+    for outcome, lines in zip(outcomes, shown, strict=True):
+        assert isinstance(outcome, ExplainResult), outcome
+        for prediction, target, (label, probability, box) in zip(
+            outcome.predictions, outcome.targets, lines, strict=False
+        ):
+            assert prediction.label == target.label == label
+            assert abs(prediction.probability - probability) < 0.005
+            got = target.maps["gradcam"].box
+            assert got is not None
+            np.testing.assert_allclose(got, box, atol=12)  # pixels of the 640 x 427 photo
