@@ -299,8 +299,10 @@ class ModelBatch:
             out, t = work(group)
         except NonFiniteOutputError as exc:
             rows = sorted(set(exc.images))
-            if len(idx) > 1 and rows and rows[0] >= 0 and rows[-1] < len(idx):
-                # the images the engine names fail; the rest is re-run (and so re-checked)
+            if 0 < len(rows) < len(idx) and rows[0] >= 0 and rows[-1] < len(idx):
+                # the images the engine names fail; the rest is re-run (and so re-checked).
+                # When every image is named (e.g. a non-finite output that is not
+                # batch-first), each is re-run alone below to find the ones at fault.
                 for r in rows:
                     self._fail(idx[r], self._non_finite())
                 rest = [i for r, i in enumerate(idx) if r not in set(rows)]
