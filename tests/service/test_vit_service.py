@@ -451,3 +451,17 @@ def test_a_channels_last_layout_reads_the_last_dimension_as_channels() -> None:
     res = result(out)
     assert res.targets[0].maps["gradcam"].data.shape == (4, 4)  # type: ignore[union-attr]
     assert svc.describe("net").layout == "channels_last"
+
+
+def test_the_grpc_model_info_carries_the_layout(user_package: Any, tmp_path: Path) -> None:
+    from camserve.gateway.convert import description_from_proto, model_info_of
+
+    spec = read_spec(
+        write_model(
+            tmp_path, user_package, "vit", "vit", "blocks.0", layout="layout = {prefix = 1}"
+        )
+    )
+    described = ExplainService.from_specs([spec], device="cpu").describe("vit")
+    info = model_info_of(described)
+    assert info.layout == "tokens: 1 prefix token(s), grid of the input's aspect ratio"
+    assert description_from_proto(info) == described
