@@ -352,6 +352,7 @@ def model_info_of(d: ModelDescription) -> pb.ModelInfo:
         std=list(d.std),
         runtime=d.runtime,
         device=d.device,
+        layout=d.layout,
     )
 
 
@@ -383,4 +384,5 @@ def description_from_proto(msg: pb.ModelInfo) -> ModelDescription:
         std=_triple(msg.std, 1.0),
         runtime=msg.runtime,
         device=msg.device,
+        layout=msg.layout or "auto",
     )

@@ -14,7 +14,7 @@ from camserve.models.files import (
     write_spec,
 )
 from camserve.models.loading import BUILTIN_SPECS, LoadedModel, load_model, resolve, word_tokenizer
-from camserve.models.spec import ModelKind, ModelSpec, Runtime
+from camserve.models.spec import ModelKind, ModelSpec, Runtime, SpecLayout, layout_text
 
 __all__ = [
     "BUILTIN_SPECS",
@@ -24,7 +24,9 @@ __all__ = [
     "ModelSpec",
     "Runtime",
     "SpecError",
+    "SpecLayout",
     "bundle",
+    "layout_text",
     "load_model",
     "read_spec",
     "resolve",

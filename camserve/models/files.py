@@ -16,6 +16,17 @@ A spec file holds the fields of :class:`~camserve.models.spec.ModelSpec`, plus
 
     [factory_kwargs]
     num_classes = 10
+
+``layout`` says how the explained layers' outputs are read: ``"auto"`` (the
+default), ``"channels_first"``, ``"channels_last"`` (Swin's ``(N, h, w, C)``),
+or a table for a token layer ``(N, prefix + h * w, C)`` (ViT, DeiT, register
+tokens)::
+
+    layer = "blocks.11.norm1"
+
+    [layout]
+    prefix = 1        # the class token; leave out to detect it
+    grid = [14, 14]   # leave out to derive it from the input's aspect ratio
 """
 
 from __future__ import annotations
@@ -31,8 +42,9 @@ from typing import Any
 import tomli_w
 import yaml
 
+from camserve.engine.layout import TokenGrid
 from camserve.errors import InvalidRequestError
-from camserve.models.spec import ModelSpec
+from camserve.models.spec import LAYOUT_NAMES, ModelSpec, SpecLayout
 
 __all__ = ["SPEC_FIELDS", "SpecError", "bundle", "read_spec", "spec_from_dict", "write_spec"]
 
@@ -56,6 +68,7 @@ SPEC_FIELDS = (
     "program",
     "onnx",
     "runtime",
+    "layout",
     "extra",
 )
 """Every field a spec file may have."""
@@ -123,6 +136,49 @@ def _floats3(field: str, value: object, origin: Path | None) -> tuple[float, flo
     if not ok:
         raise SpecError(field, value, "must be a list of 3 finite numbers", origin)
     return float(items[0]), float(items[1]), float(items[2])
+
+
+def _layout(value: object, origin: Path | None) -> SpecLayout:
+    if isinstance(value, str):
+        if value not in LAYOUT_NAMES:
+            raise SpecError(
+                "layout",
+                value,
+                f"valid layouts: {', '.join(LAYOUT_NAMES)}, or a table with prefix and grid",
+                origin,
+            )
+        return value  # type: ignore[return-value]  # one of LAYOUT_NAMES
+    if not isinstance(value, dict):
+        raise SpecError("layout", value, "must be a layout name or a table", origin)
+    unknown = sorted(set(value) - {"prefix", "grid"})
+    if unknown:
+        raise SpecError(
+            "layout", value, f"unknown key(s) {unknown}; a token layout has prefix and grid", origin
+        )
+    prefix = value.get("prefix")
+    if prefix is not None and (
+        not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0
+    ):
+        raise SpecError("layout.prefix", prefix, "must be a non-negative integer", origin)
+    grid = value.get("grid")
+    if grid is not None and (
+        not isinstance(grid, list | tuple)
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+    ):
+        raise SpecError("layout.grid", grid, "must be [height, width] of positive integers", origin)
+    return TokenGrid(prefix=prefix, grid=None if grid is None else (int(grid[0]), int(grid[1])))
+
+
+def _layout_value(layout: SpecLayout) -> str | dict[str, Any]:
+    if isinstance(layout, str):
+        return layout
+    table: dict[str, Any] = {}
+    if layout.prefix is not None:
+        table["prefix"] = layout.prefix
+    if layout.grid is not None:
+        table["grid"] = list(layout.grid)
+    return table
 
 
 def spec_from_dict(data: Mapping[str, Any], origin: Path | None = None) -> ModelSpec:
@@ -219,6 +275,8 @@ def spec_from_dict(data: Mapping[str, Any], origin: Path | None = None) -> Model
     if runtime == "onnx" and "onnx" not in out:
         raise SpecError("runtime", runtime, "the onnx runtime needs an onnx file", origin)
     out["runtime"] = runtime
+    if "layout" in data:
+        out["layout"] = _layout(data["layout"], origin)
     kind = out["kind"]
     if kind in ("classifier", "vqa") and not out.get("labels"):
         raise SpecError(
@@ -249,6 +307,7 @@ def _as_table(spec: ModelSpec, paths: Mapping[str, str]) -> dict[str, Any]:
         "mean": list(spec.mean),
         "std": list(spec.std),
         "runtime": spec.runtime,
+        "layout": _layout_value(spec.layout),
     }
     if spec.labels:
         table["labels"] = list(spec.labels)

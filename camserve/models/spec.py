@@ -9,12 +9,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
-__all__ = ["ModelKind", "ModelSpec", "Runtime"]
+from camserve.engine.layout import TokenGrid
+
+__all__ = ["LAYOUT_NAMES", "ModelKind", "ModelSpec", "Runtime", "SpecLayout", "layout_text"]
 
 ModelKind = Literal["classifier", "captioner", "vqa"]
 Runtime = Literal["torch", "onnx"]
+SpecLayout: TypeAlias = Literal["auto", "channels_first", "channels_last"] | TokenGrid
+"""How the explained layers' outputs are read (see :mod:`camserve.engine.layout`)."""
+LAYOUT_NAMES = ("auto", "channels_first", "channels_last")
+"""The named layouts a spec may give (besides a token grid table)."""
+
+
+def layout_text(layout: str | TokenGrid) -> str:
+    """A layout in words: ``auto``, ``channels_last``, ``tokens: 1 prefix token(s), grid 4 x 4``."""
+    if isinstance(layout, str):
+        return layout
+    prefix = "detected" if layout.prefix is None else str(layout.prefix)
+    grid = (
+        "of the input's aspect ratio"
+        if layout.grid is None
+        else f"{layout.grid[0]} x {layout.grid[1]}"
+    )
+    return f"tokens: {prefix} prefix token(s), grid {grid}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,13 @@ class ModelSpec:
         program: a TorchScript / ``torch.export`` file, instead of a factory.
         onnx: an exported ONNX file (see :mod:`camserve.export`).
         runtime: ``torch`` or ``onnx``.
+        layout: how the outputs of the explained layers are read as
+            activations ``(N, C, h, w)``: ``auto`` (default: ``(N, C, h, w)``,
+            ``(N, h, w, C)`` or tokens ``(N, T, C)`` told apart by the input's
+            aspect ratio), ``channels_first``, ``channels_last`` (Swin's
+            ``(N, h, w, C)``), or a :class:`~camserve.engine.layout.TokenGrid`
+            (ViT/DeiT tokens ``(N, prefix + h * w, C)``); see
+            :mod:`camserve.engine.layout`.
         origin: the spec file it was read from (relative paths are relative to
             its folder), or None.
         extra: further facts (the zoo's held-out metrics, the build seed...).
@@ -59,5 +85,6 @@ class ModelSpec:
     program: Path | None = None
     onnx: Path | None = None
     runtime: Runtime = "torch"
+    layout: SpecLayout = "auto"
     origin: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -3,8 +3,11 @@
 Requests that agree on the engine call (same layer, score, kind of targets,
 per-method options, and, when any of their methods re-runs the network
 (``MethodSpec.cost == "rerun"``), the same methods) share one forward and one
-backward. Every request gets its own outcome; a group whose engine call fails
-is re-run request by request to find the culprit.
+backward. Every request gets its own outcome; when the model's output is not
+finite for some images of a group, those requests get a
+:class:`~camserve.errors.ModelFailureError` naming the model and the rest of
+the group is re-run; a group whose engine call fails otherwise is re-run
+request by request to find the culprit.
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ def _non_finite(output: object) -> bool:
 def _watched(task: Task) -> Iterator[None]:
     """Turns the model's own failures into :class:`ModelFailureError` naming the model.
 
-    The engine keeps NaN and inf out of its maps (they become zeros), so a model
-    whose output is not finite would otherwise answer blank maps: a forward hook
-    on the model's root module sees the raw output of every forward.
+    The engine refuses a non-finite model output or score with
+    :class:`NonFiniteOutputError` naming the images of the call at fault (kept,
+    so the others of a group can still be answered); a forward hook on the
+    model's root module sees the raw output of every forward as well, so a
+    non-finite output is never answered with a blank map.
     """
     bad: list[bool] = []
 
@@ -75,10 +80,10 @@ def _watched(task: Task) -> Iterator[None]:
         handle = None
     try:
         yield
-    except NonFiniteOutputError as exc:  # the engine's check, named after the served model
-        raise ModelFailureError(
-            "the model's output is not finite (NaN or inf)", model=task.name
-        ) from exc
+    except NonFiniteOutputError as exc:  # the engine's check: keep the rows at fault
+        err = NonFiniteOutputError(str(exc), exc.images)
+        err.model = task.name
+        raise err from exc
     except CamserveError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -176,6 +181,10 @@ class ModelBatch:
     def _fail(self, i: int, exc: CamserveError) -> None:
         self.errors[i] = exc
         self.finished[i] = time.perf_counter()
+
+    def _non_finite(self) -> ModelFailureError:
+        message = "the model's output is not finite (NaN or inf)"
+        return ModelFailureError(message, model=self.task.name)
 
     def _add(self, t: Mapping[str, float]) -> None:
         for k, v in t.items():
@@ -288,6 +297,24 @@ class ModelBatch:
         work = self._predict if group[0].request.predict_only else self._explain
         try:
             out, t = work(group)
+        except NonFiniteOutputError as exc:
+            rows = sorted(set(exc.images))
+            if 0 < len(rows) < len(idx) and rows[0] >= 0 and rows[-1] < len(idx):
+                # the images the engine names fail; the rest is re-run (and so re-checked).
+                # When every image is named (e.g. a non-finite output that is not
+                # batch-first), each is re-run alone below to find the ones at fault.
+                for r in rows:
+                    self._fail(idx[r], self._non_finite())
+                rest = [i for r, i in enumerate(idx) if r not in set(rows)]
+                if rest:
+                    self._run_group(rest, items)
+                return
+            if len(idx) > 1:
+                for i in idx:
+                    self._run_group([i], items)
+                return
+            self._fail(idx[0], self._non_finite())
+            return
         except CamserveError as exc:
             if len(idx) > 1:  # find the request(s) at fault; the others still answer
                 for i in idx:

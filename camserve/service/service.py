@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from camserve.engine.layout import TokenGrid
 from camserve.engine.methods import method_spec
 from camserve.errors import (
     InvalidRequestError,
     UnknownNameError,
 )
 from camserve.models import LoadedModel, load_model
-from camserve.models.spec import ModelSpec
+from camserve.models.spec import ModelSpec, layout_text
 from camserve.service.batch import ModelBatch, internal_error
 from camserve.service.images import ImageLimits, InputTransform
 from camserve.service.metrics import MetricsSink, NullMetrics
@@ -75,6 +76,9 @@ class ModelDescription:
         mean, std: its per-channel normalisation.
         runtime: ``torch`` or ``onnx``.
         device: where it runs (``cpu``, ``cuda:0``).
+        layout: how its layers' outputs are read as activations, in words
+            (``auto``, ``channels_last``, ``tokens: 1 prefix token(s), grid 7 x 7``;
+            see :mod:`camserve.engine.layout`).
     """
 
     name: str
@@ -89,6 +93,7 @@ class ModelDescription:
     std: tuple[float, float, float]
     runtime: str
     device: str
+    layout: str = "auto"
 
 
 def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
@@ -110,6 +115,7 @@ def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
             transform,
             loaded.device,
             pad_id=loaded.pad_id,
+            layout=spec.layout,
         )
     if spec.kind == "vqa":
         if loaded.tokenize is None:
@@ -124,6 +130,7 @@ def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
             loaded.device,
             pad_id=loaded.pad_id,
             predictions=settings.predictions,
+            layout=spec.layout,
         )
     return ClassifierTask(
         spec.name,
@@ -133,7 +140,15 @@ def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
         transform,
         loaded.device,
         predictions=settings.predictions,
+        layout=spec.layout,
     )
+
+
+def _layout_of(task: Task) -> str:
+    layout = getattr(task, "layout", "auto")
+    if isinstance(layout, str | TokenGrid):
+        return layout_text(layout)
+    return f"rearranged by {getattr(layout, '__name__', repr(layout))}"
 
 
 class _Model:
@@ -248,6 +263,7 @@ class ExplainService:
             std=task.transform.std,
             runtime=spec.runtime if spec is not None else "torch",
             device=str(task.device),
+            layout=_layout_of(task),
         )
 
     # --- the batch ---------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.engine import Explainer, Explanation
+from camserve.engine.layout import Layout
 from camserve.errors import InvalidRequestError, UnknownNameError
 from camserve.service.images import InputTransform
 from camserve.service.outcomes import ModelKind, Prediction, TargetResult
@@ -127,10 +128,24 @@ class ExplainerCache:
     Args:
         model: the model (in eval mode).
         device: where inputs go (default: the model's parameters' device).
+        layout: how every explained layer's output is read as activations
+            ``(N, C, h, w)`` (``"auto"``, ``"channels_first"``,
+            ``"channels_last"``, a :class:`~camserve.engine.layout.TokenGrid`;
+            see :mod:`camserve.engine.layout`).
+        name: the served model's name (the engine's errors name it).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device | str | None = None,
+        *,
+        layout: Layout = "auto",
+        name: str | None = None,
+    ) -> None:
         self.model = model
+        self.layout = layout
+        self.name = name
         if device is None:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
@@ -152,7 +167,9 @@ class ExplainerCache:
             if ex is None:
                 if layer not in self._known:
                     raise UnknownNameError("layer", layer, self._known)
-                ex = Explainer(self.model, layer, device=self.device)
+                ex = Explainer(
+                    self.model, layer, device=self.device, layout=self.layout, name=self.name
+                )
                 self._explainers[layer] = ex
             return ex
 
@@ -228,6 +245,11 @@ class TaskBase:
         """The model's named modules."""
         return list(self._cache.layers)
 
+    @property
+    def layout(self) -> Layout:
+        """How the explained layers' outputs are read (see :mod:`camserve.engine.layout`)."""
+        return self._cache.layout
+
 
 class ClassifierTask(TaskBase):
     """An image classifier: predictions, and maps for the top-k or the named classes.
@@ -240,6 +262,7 @@ class ClassifierTask(TaskBase):
         transform: the model's input transform.
         device: where to run (default: the model's).
         predictions: how many predictions every result lists (at least k).
+        layout: how the explained layers' outputs are read (see :class:`ExplainerCache`).
     """
 
     kind: ModelKind = "classifier"
@@ -253,6 +276,7 @@ class ClassifierTask(TaskBase):
         transform: InputTransform,
         device: torch.device | str | None = None,
         predictions: int = 5,
+        layout: Layout = "auto",
     ) -> None:
         self.name = name
         self.model = model
@@ -260,7 +284,7 @@ class ClassifierTask(TaskBase):
         self.default_layer = layer
         self.transform = transform
         self.n_predictions = predictions
-        self._cache = ExplainerCache(model, device)
+        self._cache = ExplainerCache(model, device, layout=layout, name=name)
         self._index = {label: i for i, label in enumerate(self.labels)}
 
     def prepare(self, item: Item) -> None:

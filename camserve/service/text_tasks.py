@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.engine import Explanation
+from camserve.engine.layout import Layout
 from camserve.errors import InvalidRequestError, UnknownNameError
 from camserve.service.images import InputTransform
 from camserve.service.outcomes import ModelKind, Prediction, TargetResult
@@ -48,7 +49,7 @@ class CaptionTask(TaskBase):
         generate: greedy decoding, images ``(N, 3, H, W)`` -> word ids ``(N, L)``.
         vocab: its words (id -> word).
         eos_id: the end-of-caption id; ``pad_id``: the padding id.
-        layer, transform, device: as for :class:`ClassifierTask`.
+        layer, transform, device, layout: as for :class:`ClassifierTask`.
     """
 
     kind: ModelKind = "captioner"
@@ -64,6 +65,7 @@ class CaptionTask(TaskBase):
         transform: InputTransform,
         device: torch.device | str | None = None,
         pad_id: int = 0,
+        layout: Layout = "auto",
     ) -> None:
         self.name = name
         self.model = model
@@ -73,7 +75,7 @@ class CaptionTask(TaskBase):
         self.pad_id = pad_id
         self.default_layer = layer
         self.transform = transform
-        self._cache = ExplainerCache(model, device)
+        self._cache = ExplainerCache(model, device, layout=layout, name=name)
 
     def prepare(self, item: Item) -> None:
         """Captioning takes no targets from the caller."""
@@ -153,7 +155,7 @@ class VQATask(TaskBase):
         model: the VQA model.
         answers: the answer list (id -> answer).
         tokenize: question text -> token ids (raises InvalidRequestError for bad text).
-        layer, transform, device: as for :class:`ClassifierTask`.
+        layer, transform, device, layout: as for :class:`ClassifierTask`.
         pad_id: the padding id of question tokens.
         predictions: how many answers the result lists with their probabilities.
     """
@@ -171,6 +173,7 @@ class VQATask(TaskBase):
         device: torch.device | str | None = None,
         pad_id: int = 0,
         predictions: int = 5,
+        layout: Layout = "auto",
     ) -> None:
         self.name = name
         self.model = model
@@ -180,7 +183,7 @@ class VQATask(TaskBase):
         self.default_layer = layer
         self.transform = transform
         self.n_predictions = predictions
-        self._cache = ExplainerCache(model, device)
+        self._cache = ExplainerCache(model, device, layout=layout, name=name)
         self._index = {a: i for i, a in enumerate(self.answers)}
 
     def prepare(self, item: Item) -> None:

@@ -119,7 +119,7 @@ def test_list_and_describe_models(gateway: BackgroundGateway) -> None:
     methods = {m.id: m for m in info.methods}
     assert methods["scorecam"].cost == "rerun" and methods["gradcam"].cost == "single_pass"
     assert "mask" in {o.name for o in methods["occlusion"].options}
-    assert info.device == "cpu"
+    assert info.device == "cpu" and info.layout == "auto"
 
 
 @pytest.mark.parametrize(
