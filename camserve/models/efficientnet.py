@@ -11,7 +11,8 @@ TensorFlow checkpoint. Its keys (``_conv_stem.weight``, ``_blocks.0...``,
 ``_fc.bias``) are those of the ``efficientnet_pytorch`` layout; the only
 implementation with that layout and the Lite blocks is the
 ``efficientnet-lite-pytorch`` package's, into which all 296 tensors load
-strictly.
+strictly (:class:`EfficientNetLite0` makes two changes that compute the same
+values).
 
 Class names: ``imagenet_classes.tsv`` beside this module, one line per class
 index (0-999): the WordNet synset id, a tab, its lemmas. Generated from the
@@ -30,10 +31,12 @@ service does) these weights give:
 photo                         mean 0.498, std 0.502       ImageNet mean/std
 ============================  ==========================  ============================
 scikit-learn ``china.jpg``    bell cote 0.29              bell cote 0.36
-scikit-learn ``flower.jpg``   daisy 0.15                  honeycomb 0.04 (daisy absent)
+scikit-learn ``flower.jpg``   daisy 0.15                  honeycomb 0.04 (no daisy in top 3)
 matplotlib ``grace_hopper``   military uniform 0.39       military uniform 0.29
 ============================  ==========================  ============================
 
+(TensorFlow's evaluation crop, the central 87.5% resized bicubically, gives
+palace 0.31, daisy 0.35 and academic gown 0.25 with 127/128.)
 Pixels in [0, 1] without normalisation give honeycomb for ``flower.jpg``;
 raw 0-255 pixels give nonsense (nipple, balloon, ski mask). The stem's
 BatchNorm agrees: with 127/128 the per-channel standard deviation of the stem
