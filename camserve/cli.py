@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve import commands as local_commands
 
     local_commands.register(sub)
+    from camserve.gateway import commands as gateway_commands
+
+    gateway_commands.register(sub)
+    from camserve.export import commands as export_commands
+
+    export_commands.register(sub)
+    __import__("camserve.audit.commands", fromlist=["register"]).register(sub)
     return parser
 
 

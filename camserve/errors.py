@@ -45,6 +45,21 @@ class UnsupportedMethodError(InvalidRequestError):
     """The method cannot explain this model (e.g. CAM without a GAP + linear head)."""
 
 
+class ExportError(CamserveError):
+    """A model could not be exported to ONNX with its gradients (see :mod:`camserve.export`).
+
+    Args:
+        message: why.
+        operator: the ATen operator the exporter could not translate
+            (``"aten.median.dim"``), when that is the reason; it is named in the message.
+    """
+
+    def __init__(self, message: str, *, operator: str | None = None) -> None:
+        self.operator = operator
+        prefix = f"operator {operator} cannot be exported to ONNX: " if operator else ""
+        super().__init__(prefix + message)
+
+
 class InvalidImageError(InvalidRequestError):
     """An image could not be decoded, or is too large."""
 

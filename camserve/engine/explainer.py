@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -409,13 +409,13 @@ class Explainer:
         with watch.stage("forward"), ExitStack() as stack:
             stack.enter_context(capture)
             stack.enter_context(torch.enable_grad() if input_guided else torch.no_grad())
-            if relu:
-                stack.enter_context(ReluRouting(state))
-            if use_fx and self._split is not None:
-                output, frontier = self._split.recorder(images, *xs[1:])
-                frontier = tuple(v.detach() if isinstance(v, Tensor) else v for v in frontier)
-            else:
-                output = self.model(images, *xs[1:])
+            # the rectifier rules apply to the model only, never to a score function
+            with ReluRouting(state) if relu else nullcontext():
+                if use_fx and self._split is not None:
+                    output, frontier = self._split.recorder(images, *xs[1:])
+                    frontier = tuple(v.detach() if isinstance(v, Tensor) else v for v in frontier)
+                else:
+                    output = self.model(images, *xs[1:])
             capture.active = False
             missing = capture.missing()
             if missing:

@@ -59,6 +59,8 @@ def batched_vjp(
         UnsupportedMethodError: the scores do not depend on an input through
             autograd (the model's forward detaches it, or runs under
             ``torch.no_grad``): a gradient would be missing, never zeros.
+        NonFiniteOutputError: a gradient is NaN (a model failure, never zeros);
+            infinite gradients are clipped to the dtype's largest values.
     """
     b, k = scores.shape
     if not inputs:
@@ -104,7 +106,16 @@ def batched_vjp(
     unused = [label for label, g in zip(labels, grads, strict=False) if g is None]
     if unused:
         raise _no_gradient(unused)
-    return [finite(g.transpose(0, 1)) for g in grads if g is not None]
+    out = [g.transpose(0, 1) for g in grads if g is not None]
+    for label, g in zip(labels, out, strict=False):
+        if g.is_floating_point() and bool(torch.isnan(g).any()):
+            rows = torch.isnan(g).reshape(b, -1).any(dim=1).nonzero().flatten().tolist()
+            raise NonFiniteOutputError(
+                f"the gradients of the target scores with respect to {label} are NaN for "
+                f"images {rows} (the model's backward is not defined there)",
+                tuple(rows),
+            )
+    return [finite(g) for g in out]
 
 
 def _no_gradient(what: Sequence[str]) -> UnsupportedMethodError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -161,8 +160,8 @@ def _check_options(req: ExplainRequest) -> None:
                     "option", f"{method}.{name}", [f"{method}.{n}" for n in spec.options]
                 )
             spec.options[name].check(method, name, value)
-        checked[method] = MappingProxyType(dict(opts))
-    _set(req, "options", MappingProxyType(checked))
+        checked[method] = dict(opts)
+    _set(req, "options", checked)  # a copy: the caller's mapping may change later
 
 
 def _check_tensor(tensor: object) -> None:

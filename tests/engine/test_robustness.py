@@ -270,6 +270,31 @@ def test_a_non_finite_score_function_and_re_run_are_model_failures() -> None:
         ex.explain(x, methods=["occlusion"], options={"occlusion": {"mask": 16, "fill": -100.0}})
 
 
+class NormHead(nn.Module):
+    """``fc(mean ||a||)``: the norm's gradient ``a / ||a||`` is NaN (0/0) where ``a = 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(1, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.conv(x)
+        return self.fc(a.pow(2).sum(dim=1).sqrt().mean(dim=(1, 2))[:, None])
+
+
+def test_a_nan_gradient_is_a_model_failure_naming_the_images() -> None:
+    x = torch.rand(3, 3, 8, 8)
+    x[1] = 0.0  # no bias: the layer's output is zero for image 1
+    ex = Explainer(NormHead().eval(), "conv")
+    with pytest.raises(NonFiniteOutputError, match=r"layer 'conv' are NaN for images \[1\]") as e:
+        ex.explain(x, methods=["gradcam"])
+    assert e.value.images == (1,)
+    res = ex.explain(x[[0, 2]], methods=["gradcam"])
+    assert bool(torch.isfinite(res.map("gradcam")).all())
+
+
 # ------------------------------------------------------------ 4. training mode
 class WithBatchNorm(nn.Module):
     def __init__(self) -> None:
@@ -432,13 +457,24 @@ def test_layers_given_as_module_objects() -> None:
 
 
 # -------------------------------------------------------------- 7. compiled
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "eager",
+        "aot_eager",
+        pytest.param(  # importing inductor warns from inside torch
+            "inductor",
+            marks=pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning"),
+        ),
+    ],
+)
 def test_compiled_models_are_explained_through_the_original_module(backend: str) -> None:
     model = vgg_net()
     x = images(2).float()
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        compiled(x)  # it has run once
+    if backend != "inductor":  # inductor compiles for a minute on 2 cores; the engine never runs it
+        with torch.no_grad():
+            compiled(x)  # it has run once
     methods = ["gradcam", "guided_backprop", "guided_gradcam", "integrated_gradients"]
     want = Explainer(model, "features.3").explain(x, methods=methods, targets=2)
     for layer in ("features.3", "_orig_mod.features.3", compiled._orig_mod.features[3]):

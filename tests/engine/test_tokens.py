@@ -186,3 +186,23 @@ def test_channels_last_layers_are_recognised_and_explained(
 def test_an_unknown_layout_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="unknown layout 'nhwc'"):
         Explainer(SwinLike(), "stage", layout="nhwc")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_token_layers_give_float32_maps_near_the_float64_ones(
+    dtype: torch.dtype,
+) -> None:
+    model = TinyViT(1).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    want = Explainer(model.double(), "blocks.0").explain(
+        x.double(), methods=["gradcam", "ablationcam"], targets=1
+    )
+    low = model.to(dtype)
+    ex = Explainer(low, "blocks.0")
+    res = ex.explain(x.to(dtype), methods=["gradcam", "ablationcam"], targets=want.target_ids)
+    for m in ("gradcam", "ablationcam"):
+        got = res.map(m)
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+        scale = float(want.map(m).abs().max())
+        assert scale > 0
+        assert float((got.double() - want.map(m)).abs().max()) < 0.15 * scale, m

@@ -21,7 +21,8 @@ from camserve.engine import Explainer
 from camserve.models.spec import ModelSpec
 from camserve.service import ExplainRequest, ExplainResult, ExplainService
 from camserve.service.images import decode_image
-from camserve.service.tasks import CaptionTask, VQATask, input_dtype
+from camserve.service.tasks import input_dtype
+from camserve.service.text_tasks import CaptionTask, VQATask
 
 from .conftest import SETTINGS, TRANSFORM, JsonRunner, TinyGAP, json_item, png, tiny_task
 from .test_text_tasks import ANSWERS, VOCAB, TinyCaptioner, TinyVQA, tokenize

@@ -29,6 +29,9 @@ def test_defaults_and_normalisation() -> None:
     assert req.score == "logit" and req.output == "normalized" and req.threshold == 0.15
     t = ExplainRequest(model="m", tensor=np.zeros((3, 4, 4), np.float32))
     assert t.image is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(req)) == req  # requests may cross process boundaries
 
 
 @pytest.mark.parametrize(

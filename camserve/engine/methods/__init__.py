@@ -171,7 +171,7 @@ class MethodSpec:
     rerun: str | None
     cost: CostClass
     options: Mapping[str, OptionSpec]
-    function: Callable[..., Any] = field(repr=False, compare=False, default=gradient.gradcam)
+    function: Callable[..., Any] = field(repr=False, compare=False)
     call: Call = "gradient"
     base: str | None = None
     logit_gradient: bool = False
