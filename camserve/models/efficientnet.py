@@ -11,7 +11,8 @@ TensorFlow checkpoint. Its keys (``_conv_stem.weight``, ``_blocks.0...``,
 ``_fc.bias``) are those of the ``efficientnet_pytorch`` layout; the only
 implementation with that layout and the Lite blocks is the
 ``efficientnet-lite-pytorch`` package's, into which all 296 tensors load
-strictly.
+strictly (:class:`EfficientNetLite0` makes two changes that compute the same
+values).
 
 Class names: ``imagenet_classes.tsv`` beside this module, one line per class
 index (0-999): the WordNet synset id, a tab, its lemmas. Generated from the
@@ -30,10 +31,12 @@ service does) these weights give:
 photo                         mean 0.498, std 0.502       ImageNet mean/std
 ============================  ==========================  ============================
 scikit-learn ``china.jpg``    bell cote 0.29              bell cote 0.36
-scikit-learn ``flower.jpg``   daisy 0.15                  honeycomb 0.04 (daisy absent)
+scikit-learn ``flower.jpg``   daisy 0.15                  honeycomb 0.04 (no daisy in top 3)
 matplotlib ``grace_hopper``   military uniform 0.39       military uniform 0.29
 ============================  ==========================  ============================
 
+(TensorFlow's evaluation crop, the central 87.5% resized bicubically, gives
+palace 0.31, daisy 0.35 and academic gown 0.25 with 127/128.)
 Pixels in [0, 1] without normalisation give honeycomb for ``flower.jpg``;
 raw 0-255 pixels give nonsense (nipple, balloon, ski mask). The stem's
 BatchNorm agrees: with 127/128 the per-channel standard deviation of the stem
@@ -85,12 +88,18 @@ _CLASSES_FILE = "imagenet_classes.tsv"
 class EfficientNetLite0(EfficientNet):  # type: ignore[misc]  # the package is untyped
     """The package's EfficientNet-Lite0 with a head activation module of its own.
 
-    The package applies one shared ``nn.ReLU6`` module (``_swish``) after the
-    stem and after the head conv, so no module outputs the last feature map
-    exactly once per forward. This subclass applies a separate, parameter-free
-    ``_head_activation`` (also ReLU6) after the head; the computation, the
-    forward (including its ``inputs.size(0)`` read before the layer) and the
-    state dict keys are the package's.
+    Two changes, neither of which changes a computed value or a state dict key:
+
+    - The package applies one shared ``nn.ReLU6`` module (``_swish``) after
+      the stem and after the head conv, so no module outputs the last feature
+      map exactly once per forward. This subclass applies a separate,
+      parameter-free ``_head_activation`` (also ReLU6) after the head.
+    - The package's forward reads ``bs = inputs.size(0)`` before the features
+      and flattens the pooled features with ``view(bs, -1)``; a cut of the
+      model after the layer (Ablation-CAM's re-run of the head alone, with a
+      batch of ablated maps) cannot reproduce that, so the engine would
+      re-run the whole network once per channel. This forward flattens with
+      ``flatten(1)``: the same values, and a head Ablation-CAM can re-run alone.
 
     Input: float32 ``(N, 3, 224, 224)``, normalised with :data:`MEAN` and
     :data:`STD`. Output: float32 ``(N, 1000)`` ImageNet logits.
@@ -110,6 +119,12 @@ class EfficientNetLite0(EfficientNet):  # type: ignore[misc]  # the package is u
             x = block(x, drop_connect_rate=rate * float(idx) / len(self._blocks) if rate else rate)
         out: Tensor = self._head_activation(self._bn1(self._conv_head(x)))
         return out
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Features, global average pooling, dropout (training only), linear head: ``(N, 1000)``."""
+        x = self._avg_pooling(self.extract_features(inputs)).flatten(1)
+        logits: Tensor = self._fc(self._dropout(x))
+        return logits
 
 
 def weights_path() -> str:

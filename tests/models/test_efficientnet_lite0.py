@@ -251,3 +251,25 @@ def test_the_service_gives_the_answer_the_readme_shows() -> None:
             got = target.maps["gradcam"].box
             assert got is not None
             np.testing.assert_allclose(got, box, atol=12)  # pixels of the 640 x 427 photo
+
+
+@pytest.mark.slow
+def test_ablationcam_re_runs_only_the_head(
+    model: EfficientNetLite0, batch: torch.Tensor, spec: ModelSpec
+) -> None:
+    # The forward flattens without reading the batch size first, so the engine's
+    # fx cut after the layer is proven and Ablation-CAM re-runs the head alone.
+    explainer = Explainer(model, spec.layer)
+    x = batch[:1]
+    result = explainer.explain(x, methods=("ablationcam",), targets=1)
+    assert explainer.trace_note == ""
+    # On a GAP + linear head the score drop when map k is zeroed is W_ck mean(A^k):
+    # Ablation-CAM's weight is W_ck mean(A^k) / S (Desai & Ramaswamy 2020).
+    c = int(result.target_ids[0, 0])
+    with torch.no_grad():
+        acts = model.extract_features(x)[0]
+        logits = model(x)[0]
+        weights = model._fc.weight[c] * acts.mean(dim=(1, 2)) / logits[c]
+        direct = torch.relu(torch.einsum("k,khw->hw", weights, acts))
+    torch.testing.assert_close(result.map("ablationcam")[0, 0], direct, rtol=1e-3, atol=1e-4)
+    assert float(direct.max()) > 0
