@@ -474,8 +474,8 @@ class FallbackExplainer:
             if isinstance(targets, int):
                 k = targets
             else:  # ids per image (N, K), or one image's flat list (K,)
-                ids = targets.cpu().numpy() if isinstance(targets, Tensor) else targets
-                shape = np.asarray(ids).shape
+                given = targets.cpu().numpy() if isinstance(targets, Tensor) else targets
+                shape = np.asarray(given).shape
                 k = int(shape[-1]) if shape else 1
             if k > self.onnx.max_targets:
                 return f"{k} targets; the graph takes at most {self.onnx.max_targets}"
