@@ -1,11 +1,12 @@
 """A :class:`~camserve.audit.scorer.Scorer` that audits a running camserve gateway.
 
-Maps and predictions come from the service: images go out as PNG (pixels are
-quantised to 8 bits, as any client's images are), maps come back ``raw`` and
-are normalised and upsampled here with the engine's own functions, and the
-perturbed images of the metrics are re-scored through ``predict_only``
-requests. Requests go out ``batch`` items per ``ExplainBatch`` call, at most
-``concurrency`` calls at a time. The auditor needs only the endpoint.
+Maps and predictions come from the service: images go out as float32 model
+inputs (normalised with the mean and std the service describes, so nothing is
+quantised), maps come back ``raw`` and are normalised and upsampled here with
+the engine's own functions, and the perturbed images of the metrics are
+re-scored through ``predict_only`` requests. Requests go out ``batch`` items
+per ``ExplainBatch`` call, at most ``concurrency`` calls at a time. The auditor
+needs only the endpoint.
 
 Limits: the service answers a prediction with its top classes only (at most
 20), so a class outside them gets probability 0 (a lower bound, which matters
@@ -15,7 +16,6 @@ not served, so the ``alpha`` metric is empty for remote audits.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from PIL import Image
 
 from camserve.audit.scorer import Explained
 from camserve.client import Client
@@ -36,14 +35,6 @@ from camserve.service.settings import DEFAULT_MAX_TARGETS
 __all__ = ["RemoteScorer"]
 
 F32 = NDArray[np.float32]
-
-
-def _png(pixels: NDArray[np.floating[Any]]) -> bytes:
-    """``(3, H, W)`` pixels in ``[0, 1]`` as PNG bytes (rounded to 8 bits)."""
-    arr = np.clip(np.rint(np.asarray(pixels).transpose(1, 2, 0) * 255.0), 0, 255)
-    buf = io.BytesIO()
-    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 class RemoteScorer:
@@ -72,7 +63,9 @@ class RemoteScorer:
         self.model = model
         self.labels = tuple(desc.labels)
         self.input_size = (int(desc.input_size[1]), int(desc.input_size[2]))
-        self.layer = desc.default_layer
+        self.layer = desc.layer
+        self._mean = np.asarray(desc.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(desc.std, dtype=np.float32).reshape(3, 1, 1)
         self.digest = f"remote:{target}/{model}"
         self.batch = batch
         self.pool = ThreadPoolExecutor(max_workers=concurrency)
@@ -81,6 +74,10 @@ class RemoteScorer:
         """Closes the connection and the request threads."""
         self.pool.shutdown()
         self.client.close()
+
+    def _tensor(self, pixels: NDArray[np.floating[Any]]) -> F32:
+        """``(3, H, W)`` pixels in ``[0, 1]`` as the model's normalised float32 input."""
+        return np.ascontiguousarray((np.asarray(pixels, np.float32) - self._mean) / self._std)
 
     def _send(self, requests: Sequence[ExplainRequest]) -> list[ExplainResult]:
         parts = [requests[i : i + self.batch] for i in range(0, len(requests), self.batch)]
@@ -95,7 +92,7 @@ class RemoteScorer:
     def predict(self, pixels: F32) -> F32:
         """Class probabilities ``(B, C)`` through ``predict_only`` requests."""
         k = min(len(self.labels), DEFAULT_MAX_TARGETS)
-        reqs = [ExplainRequest(self.model, image=_png(p), top_k=k, predict_only=True)
+        reqs = [ExplainRequest(self.model, tensor=self._tensor(p), top_k=k, predict_only=True)
                 for p in pixels]
         probs = np.zeros((len(reqs), len(self.labels)), dtype=np.float32)
         for i, res in enumerate(self._send(reqs)):
@@ -113,7 +110,7 @@ class RemoteScorer:
     ) -> Explained:
         """Raw maps of ``class_ids`` from the service, normalised and upsampled here."""
         reqs = [
-            ExplainRequest(self.model, image=_png(p), methods=tuple(methods),
+            ExplainRequest(self.model, tensor=self._tensor(p), methods=tuple(methods),
                            class_ids=tuple(int(c) for c in ids), output="raw", boxes=False,
                            options={m: dict(o) for m, o in options.items()})
             for p, ids in zip(pixels, class_ids, strict=True)

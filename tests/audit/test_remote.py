@@ -54,13 +54,10 @@ def test_remote_audit_matches_the_in_process_one(gateway: BackgroundGateway,
     for m in ("gradcam", "gradcampp"):
         r, loc = remote["methods"][m], local["methods"][m]
         assert set(r) == set(loc)
-        # Same maps (the scenes are 8-bit PNGs): the map-only metrics agree exactly ...
-        for key in ("pointing_game", "localization_error", "conservation_residual"):
+        # Same inputs (float32 tensors), same maps, same re-scored images: the same numbers.
+        for key in set(r):
             assert r[key]["value"] == pytest.approx(loc[key]["value"], abs=1e-5), (m, key)
             assert r[key]["count"] == loc[key]["count"]
-        # ... and perturbed images travel as 8-bit PNGs, so the re-scored ones nearly do.
-        for key in ("deletion_auc", "insertion_auc", "average_drop"):
-            assert r[key]["value"] == pytest.approx(loc[key]["value"], abs=0.01), (m, key)
     assert (tmp_path / "remote" / "report.html").exists()
 
 
