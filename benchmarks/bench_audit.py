@@ -22,7 +22,10 @@ reported. Run from the repository root in the bench environment:
 
     PYTHONPATH=$PWD benchmarks/.venv/bin/python benchmarks/bench_audit.py --json audit.json
 
-``--peers none`` runs camserve alone (any environment).
+``--peers none`` runs camserve alone (any environment). ``--remote`` adds the same
+audit through a local gateway (``camserve-remote``: an in-process backend behind a
+real gRPC server on loopback, audited with ``--remote``'s scorer); it needs grpc,
+so run it in camserve's own environment with ``--peers none``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,43 @@ def camserve_run(scorer: InProcessScorer, n: int, dataset_path: Path) -> float:
 def _probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return torch.softmax(model(x), 1)
+
+
+def remote_run(store: str, n: int, dataset_path: Path) -> tuple[Callable[[], float],
+                                                                Callable[[], None]]:
+    """A local gateway serving the zoo's resnet_gap, and a run of the audit through it."""
+    from camserve.audit.remote import RemoteScorer
+    from camserve.gateway.inprocess import InProcessBackend
+    from camserve.gateway.server import BackgroundGateway
+    from camserve.gateway.settings import GatewaySettings
+    from camserve.models import write_spec
+    from camserve.zoo.store import model_spec, read_manifest
+
+    specs = Path(tempfile.mkdtemp(prefix="bench_audit_specs_"))
+    _, entries = read_manifest(store)
+    write_spec(model_spec(store, entries["resnet_gap"]), specs / "resnet_gap.toml")
+    gw = BackgroundGateway(InProcessBackend.load(["resnet_gap"], specs),
+                           GatewaySettings(port=0, metrics_port=0)).start()
+    scorer = RemoteScorer(gw.address, "resnet_gap")
+
+    def run() -> float:
+        ds = open_dataset(dataset_path)
+        out = Path(tempfile.mkdtemp(prefix="bench_audit_remote_"))
+        try:
+            t0 = time.perf_counter()
+            run_audit(scorer, ds, out, AuditSettings(methods=OURS, metrics=METRICS, top_k=1,
+                                                      steps=STEPS, chunk_size=16),
+                      limit=n, progress=False, report=False)
+            return time.perf_counter() - t0
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def close() -> None:
+        scorer.close()
+        gw.stop()
+        shutil.rmtree(specs, ignore_errors=True)
+
+    return run, close
 
 
 def pgc_run(scorer: InProcessScorer, prep: Prepared) -> float:
@@ -144,6 +184,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peers", default="pytorch-grad-cam,torchcam",
                     help="comma-separated peers, or none")
+    ap.add_argument("--remote", action="store_true",
+                    help="also audit through a local gateway (camserve-remote)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,12 +208,22 @@ def main() -> int:
             p.requires_grad_(True)
         runs["torchcam"] = lambda: torchcam_run(scorer, prep)
         counts["torchcam"] = 4
+    closers: list[Callable[[], None]] = []
+    if args.remote:
+        run_remote, close_remote = remote_run(args.store, args.images, dataset_path)
+        runs["camserve-remote"] = run_remote
+        counts["camserve-remote"] = len(OURS)
+        closers.append(close_remote)
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up: first calls, allocator, lazy imports
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            times[name].append(fn())
+    try:
+        for fn in runs.values():  # warm-up: first calls, allocator, lazy imports
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                times[name].append(fn())
+    finally:
+        for close in closers:
+            close()
     results = {}
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -67,10 +67,25 @@ def _audit(args: argparse.Namespace) -> int:
         settings = _settings_cls()(**conf)
         mapping = read_mapping(mapping_file) if mapping_file else None
         dataset = open_dataset(args.dataset)
-        scorer = load_scorer(args.model, args.model_store, layer)
-        summary = run_audit(scorer, dataset, args.out, settings, mapping=mapping,
-                            limit=args.limit, progress=not args.no_progress,
-                            report=not args.no_report, model_name=Path(args.model).stem)
+        if args.remote:
+            from camserve.audit.remote import RemoteScorer
+
+            if layer:
+                raise InvalidRequestError("--layer applies to in-process audits; a remote "
+                                          "audit explains the served model's layer")
+            remote = RemoteScorer(args.remote, args.model, token=args.token,
+                                  concurrency=args.concurrency)
+            try:
+                summary = run_audit(remote, dataset, args.out, settings, mapping=mapping,
+                                    limit=args.limit, progress=not args.no_progress,
+                                    report=not args.no_report, model_name=args.model)
+            finally:
+                remote.close()
+        else:
+            scorer = load_scorer(args.model, args.model_store, layer)
+            summary = run_audit(scorer, dataset, args.out, settings, mapping=mapping,
+                                limit=args.limit, progress=not args.no_progress,
+                                report=not args.no_report, model_name=Path(args.model).stem)
     except (CamserveError, TypeError) as exc:
         print(f"[camserve] audit: {exc}", file=sys.stderr)
         return 2
@@ -95,7 +110,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("dataset", help="COCO instances .json, Pascal VOC folder, or labels .csv")
     p.add_argument("--model", required=True,
-                   help="a model of the store, efficientnet_lite0, or a model spec file")
+                   help="a model of the store, efficientnet_lite0, or a model spec file; "
+                   "with --remote, the served model's name")
     p.add_argument("--model-store", default="model_store", help="the model store folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--methods", help="comma-separated method ids (default: gradcam,gradcam_pos,"
@@ -114,6 +130,12 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, help="deletion / insertion steps (16)")
     p.add_argument("--percentile", type=float,
                    help="fidelity / contrastivity binarisation percentile (10)")
+    p.add_argument("--remote", metavar="HOST:PORT",
+                   help="audit the model served by the camserve gateway there (maps from the "
+                   "service, perturbed images re-scored with predict_only requests)")
+    p.add_argument("--token", help="bearer token of the gateway (--remote)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="ExplainBatch calls in flight at once (--remote)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_audit)
