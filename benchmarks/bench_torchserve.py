@@ -12,6 +12,12 @@ Clients are threads with keep-alive HTTP connections sending the same 64x64
 PNG scene. The workloads run interleaved in rounds (the machine has slowdown
 episodes) and the medians over rounds are reported.
 
+With ``--efficientnet`` the same TorchServe also serves the pretrained
+``efficientnet_lite0`` (224 x 224, 1000 ImageNet classes) twice: camserve's
+archive of the built-in spec (predictions + a Grad-CAM map at 224 x 224) and the
+stock handler on the same architecture and weights; clients send a real photo
+(scikit-learn's ``china.jpg``) resized to 224 x 224.
+
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_torchserve.py --rounds 3
 """
 
@@ -62,8 +68,6 @@ def scene_png() -> bytes:
 
 def build_stock_archive(store: Path, name: str, out: Path) -> None:
     """A stock-handler archive of zoo model ``name`` in ``out``."""
-    import subprocess
-
     from camserve import zoo
 
     model, entry = zoo.load(store, name)
@@ -78,13 +82,29 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
     labels = list(entry.labels)
     (work / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(labels)}))
     (work / "input.json").write_text(json.dumps({"mean": list(entry.mean), "std": list(entry.std)}))
+    _archive_stock(work, "stock", out)
+
+
+EFFICIENTNET_MODEL_FILE = """
+from camserve.models.efficientnet import EfficientNetLite0 as _Base
+
+
+class StockModel(_Base):
+    pass
+"""
+
+
+def _archive_stock(work: Path, name: str, out: Path) -> None:
+    """Archives ``work``'s stock_model.py, weights.pth, index_to_name.json and input.json."""
+    import subprocess
+
     subprocess.run(
         [
             sys.executable,
             "-c",
             "from model_archiver.model_packaging import generate_model_archive as g; g()",
             "--model-name",
-            "stock",
+            name,
             "--version",
             "1.0",
             "--model-file",
@@ -101,6 +121,36 @@ def build_stock_archive(store: Path, name: str, out: Path) -> None:
         ],
         check=True,
     )
+
+
+def build_efficientnet_archives(out: Path) -> None:
+    """``efficientnet_lite0.mar`` (camserve, the built-in spec) and ``eff_stock.mar`` in ``out``."""
+    import shutil
+
+    from camserve.models import resolve
+    from camserve.models.efficientnet import weights_path
+    from camserve.torchserve.archive import build_archive
+
+    spec = resolve("efficientnet_lite0")
+    build_archive(spec, out)
+    work = out / "eff_stock_src"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "stock_model.py").write_text(EFFICIENTNET_MODEL_FILE)
+    shutil.copy(weights_path(), work / "weights.pth")
+    labels = {str(i): n for i, n in enumerate(spec.labels)}
+    (work / "index_to_name.json").write_text(json.dumps(labels))
+    (work / "input.json").write_text(json.dumps({"mean": list(spec.mean), "std": list(spec.std)}))
+    _archive_stock(work, "eff_stock", out)
+
+
+def photo_png(size: int = 224) -> bytes:
+    """scikit-learn's ``china.jpg`` resized (bilinear) to ``size`` x ``size``, as PNG."""
+    from sklearn.datasets import load_sample_image
+
+    image = Image.fromarray(load_sample_image("china.jpg")).resize((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Client:
@@ -176,6 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=160, help="requests per workload and round")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--efficientnet",
+        action="store_true",
+        help="also efficientnet_lite0 at 224 x 224 (camserve vs stock handler, batching on)",
+    )
+    p.add_argument("--efficientnet-concurrency", default="1,16")
+    p.add_argument(
+        "--efficientnet-requests", type=int, default=64, help="per workload and round"
+    )
     args = p.parse_args(argv)
 
     deps = REPO / "build" / "ts_bench_deps"
@@ -188,12 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.model or sorted(n for n, i in models.items() if i["kind"] == "classifier")[0]
     levels = [int(c) for c in args.concurrency.split(",")]
     body = scene_png()
+    eff_levels = [int(c) for c in args.efficientnet_concurrency.split(",")]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         bench_store = Path(tmp) / "store"
         bench_store.mkdir()
         (bench_store / "ours.mar").symlink_to(store / f"{name}.mar")
         build_stock_archive(store, name, bench_store)
+        if args.efficientnet:
+            build_efficientnet_archives(bench_store)
         on = {"batchSize": 8, "maxBatchDelay": 5}
         off = {"batchSize": 1, "maxBatchDelay": 0}
         regs = {
@@ -202,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stock": {"marName": "stock.mar", **on},
             "stock_nobatch": {"marName": "stock.mar", **off},
         }
+        if args.efficientnet:
+            regs["eff_ours"] = {"marName": "efficientnet_lite0.mar", **on}
+            regs["eff_stock"] = {"marName": "eff_stock.mar", **on}
         cfg = ServeConfig.free_ports(
             model_store=bench_store, run_dir=Path(tmp) / "run", registrations=regs
         )
@@ -211,19 +276,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stock": "/predictions/stock",
             "stock_nobatch": "/predictions/stock_nobatch",
         }
+        bodies = dict.fromkeys(paths, body)
+        if args.efficientnet:
+            photo = photo_png()
+            for key in ("eff_ours", "eff_stock"):
+                paths[key] = f"/predictions/{key}"
+                bodies[key] = photo
         results: dict[str, list[dict[str, float]]] = {}
         with TorchServe(cfg) as server:
-            for path in paths.values():  # warm-up
-                run_load(server, path, body, 1, 20)
+            for key, path in paths.items():  # warm-up
+                run_load(server, path, bodies[key], 1, 20)
             for r in range(args.rounds):
                 # Pairs run back to back, in alternating order, so that a slowdown
                 # episode of the machine hits both sides of a ratio alike.
-                pairs = [(("stock", "ours"), c, "") for c in levels]
-                pairs.append((("stock", "stock_nobatch"), 16, " (batching pair)"))
-                pairs.append((("ours", "ours_nobatch"), 16, " (batching pair)"))
-                for keys, c, tag in pairs:
+                pairs = [(("stock", "ours"), c, "", args.requests) for c in levels]
+                pairs.append((("stock", "stock_nobatch"), 16, " (batching pair)", args.requests))
+                pairs.append((("ours", "ours_nobatch"), 16, " (batching pair)", args.requests))
+                if args.efficientnet:
+                    n = args.efficientnet_requests
+                    pairs += [(("eff_stock", "eff_ours"), c, "", n) for c in eff_levels]
+                for keys, c, tag, n in pairs:
                     for key in keys if r % 2 == 0 else keys[::-1]:
-                        res = run_load(server, paths[key], body, c, max(args.requests, 8 * c))
+                        res = run_load(server, paths[key], bodies[key], c, max(n, 8 * c))
                         results.setdefault(f"{key}@{c}{tag}", []).append(res)
                 print(f"[bench] round {r + 1}/{args.rounds} done", file=sys.stderr)
 
@@ -246,6 +320,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         p50 = ratios(f"ours@{c}", f"stock@{c}", "p50_ms")
         rps = ratios(f"ours@{c}", f"stock@{c}", "rps")
         print(f"  concurrency {c:2d}: " + show("p50 maps/stock", p50) + ", " + show("req/s", rps))
+    if args.efficientnet:
+        for c in eff_levels:
+            p50 = ratios(f"eff_ours@{c}", f"eff_stock@{c}", "p50_ms")
+            rps = ratios(f"eff_ours@{c}", f"eff_stock@{c}", "rps")
+            print(
+                f"  efficientnet_lite0, concurrency {c:2d}: "
+                + show("p50 maps/stock", p50)
+                + ", "
+                + show("req/s", rps)
+            )
     for key in ("ours", "stock"):
         tag = " (batching pair)"
         on_off = ratios(f"{key}@16{tag}", f"{key}_nobatch@16{tag}", "rps")

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,6 @@ def test_serve_a_user_model_beside_the_zoo(tmp_path: Path) -> None:
         rgb = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="PNG")
-        import urllib.request
-
         req = urllib.request.Request(
             f"{server.inference_url}/predictions/{NAME}", data=buf.getvalue(), method="POST"
         )
