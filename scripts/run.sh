@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=.venv/bin/python
 "$PY" -m camserve.cli build-models
-"$PY" -m camserve.cli serve --background "$@"
+"$PY" -m camserve.cli serve --background --model efficientnet_lite0 "$@"
 trap '"$PY" -m camserve.cli stop' EXIT
 keys=(); [ -f var/torchserve/key_file.json ] && keys=(--torchserve-key-file var/torchserve/key_file.json)
 "$PY" -m camserve.cli gateway --backend torchserve ${keys[@]+"${keys[@]}"}
