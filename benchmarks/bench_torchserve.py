@@ -37,8 +37,9 @@ sys.path.insert(0, str(REPO))
 
 import os  # noqa: E402
 
-from camserve.serving.launcher import ServeConfig, TorchServe  # noqa: E402
 from camserve.torchserve.archive import zoo_models  # noqa: E402
+from camserve.torchserve.config import ServeConfig  # noqa: E402
+from camserve.torchserve.process import TorchServe  # noqa: E402
 
 MODEL_FILE = """
 from camserve.zoo.models import {cls} as _Base

@@ -15,12 +15,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"camserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from camserve.serving import commands
+    from camserve.torchserve import commands
 
     commands.register(sub)
     from camserve import commands as local_commands
 
     local_commands.register(sub)
+    from camserve.gateway import commands as gateway_commands
+
+    gateway_commands.register(sub)
     from camserve.export import commands as export_commands
 
     export_commands.register(sub)

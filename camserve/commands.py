@@ -1,4 +1,5 @@
-"""``camserve explain``: explain images on this machine, no server needed.
+"""``camserve explain``: explain images on this machine, no server needed (or ask a
+gateway with ``--remote HOST:PORT``).
 
 For every image, target and method it writes a figure (the photo, the heat map
 over it with a colour bar and the localization box, the target and its score in
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,8 @@ def explain_images(
     device: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    remote: str | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Explains ``images`` with ``model`` and writes the figures and the JSON into ``out``.
 
@@ -87,10 +91,13 @@ def explain_images(
         top_k: classes to explain per image (classifiers).
         layer: the layer to explain (default: the model's).
         question: the question (VQA models).
-        store: the model store (default ``./model_store``).
-        device: ``cpu``, ``cuda``... (default: the settings' device).
+        store: the model store (default: the settings' ``model_store``).
+        device: ``cpu``, ``cuda``... (default: the settings' ``device``).
         batch_size: images per engine call.
         progress: show a progress bar on stderr.
+        remote: ``host:port`` of a camserve gateway to ask instead of loading the
+            model here (``model`` is then a name the gateway serves).
+        token: the gateway's bearer token, if it wants one.
 
     Returns:
         What the JSON file holds: ``{"model", "results": [...]}``, one entry per image.
@@ -99,12 +106,29 @@ def explain_images(
         CamserveError: an unknown model or a wrong spec (per-image errors go to the JSON).
     """
     from camserve.models import resolve
-    from camserve.service import ExplainError, ExplainRequest, ExplainService
+    from camserve.service import (
+        ExplainError,
+        ExplainRequest,
+        ExplainService,
+        Outcome,
+        load_settings,
+    )
     from camserve.service.images import decode_image
 
-    spec = resolve(model, store)
-    service = ExplainService.from_specs([spec], device=device)
-    kind = service.describe(spec.name).kind
+    run: Callable[[list[ExplainRequest]], list[Outcome]]
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    if remote is not None:
+        from camserve.client import Client
+
+        client = Client(remote, token=token, timeout=600)
+        name, kind = model, client.describe(model).kind
+        run, close = client.explain_batch, client.close
+    else:
+        settings = load_settings()
+        spec = resolve(model, store if store is not None else settings.model_store)
+        service = ExplainService.from_specs([spec], device=device, settings=settings)
+        name, kind = spec.name, service.describe(spec.name).kind
+        run = service.run
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     bar = tqdm(total=len(images), unit="image", disable=not progress, file=sys.stderr)
@@ -115,7 +139,7 @@ def explain_images(
         for p, data in zip(chunk, payloads, strict=True):
             requests.append(
                 ExplainRequest(
-                    model=spec.name,
+                    model=name,
                     image=data,
                     methods=tuple(methods),
                     top_k=top_k if kind == "classifier" else None,
@@ -124,7 +148,7 @@ def explain_images(
                     request_id=str(p),
                 )
             )
-        for path, data, outcome in zip(chunk, payloads, service.run(requests), strict=True):
+        for path, data, outcome in zip(chunk, payloads, run(requests), strict=True):
             if isinstance(outcome, ExplainError):
                 err = outcome.error
                 entries.append({"image": str(path), "error": f"{type(err).__name__}: {err}"})
@@ -165,7 +189,8 @@ def explain_images(
             )
             bar.update(1)
     bar.close()
-    report = {"model": spec.name, "methods": list(methods), "results": entries}
+    close()
+    report = {"model": name, "methods": list(methods), "results": entries}
     (out / RESULTS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -184,6 +209,8 @@ def _explain(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            remote=args.remote,
+            token=args.token or os.environ.get("CAMSERVE_GATEWAY_TOKEN") or None,
         )
     except CamserveError as exc:
         print(f"[camserve] {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -209,4 +236,10 @@ def register(sub: Any) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the settings' device)")
     p.add_argument("--batch-size", type=int, default=8, help="images per engine call")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--remote",
+        metavar="HOST:PORT",
+        help="ask a camserve gateway instead of loading the model here",
+    )
+    p.add_argument("--token", help="the gateway's bearer token (default $CAMSERVE_GATEWAY_TOKEN)")
     p.set_defaults(func=_explain)

@@ -25,7 +25,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from camserve.codecs.http import encode_error, encode_outcome, parse_request
 from camserve.errors import CamserveError, InvalidRequestError
 from camserve.models import SPEC_FILE, read_spec
-from camserve.service import ExplainRequest, ExplainResult, ExplainService
+from camserve.service import ExplainRequest, ExplainResult, ExplainService, load_settings
 from camserve.service.metrics import record_batch
 from camserve.torchserve.metrics import TorchServeMetrics
 
@@ -50,6 +50,9 @@ class CamserveHandler:
     def initialize(self, context: Context) -> None:
         """Loads the archive's model spec and model, on the worker's GPU if it has one.
 
+        Limits come from :func:`camserve.service.load_settings` (``CAMSERVE_*``
+        variables and ``CAMSERVE_SETTINGS_FILE`` in TorchServe's environment).
+
         Raises:
             InvalidRequestError: a wrong spec, or a model of another kind.
         """
@@ -66,7 +69,9 @@ class CamserveHandler:
             raise InvalidRequestError(f"model {spec.name!r} is a {spec.kind}, not a {self.kind}")
         spec = dataclasses.replace(spec, name=self.name)
         self.metrics = TorchServeMetrics(context.metrics, MetricTypes)
-        self.service = ExplainService.from_specs([spec], device=device, metrics=self.metrics)
+        self.service = ExplainService.from_specs(
+            [spec], device=device, settings=load_settings(), metrics=self.metrics
+        )
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:

@@ -7,6 +7,8 @@ bash scripts/install.sh
 PY=.venv/bin/python
 echo "[test] ruff"
 "$PY" -m ruff check .
+echo "[test] gRPC stubs (generated from protos/, never committed; mypy reads their .pyi)"
+"$PY" -m camserve.gateway.codegen >/dev/null
 echo "[test] mypy"
 targets=(camserve); compgen -G "handlers/*.py" >/dev/null && targets+=(handlers)
 "$PY" -m mypy "${targets[@]}"

@@ -43,7 +43,15 @@ from camserve.errors import (
     OverloadedError,
     UnavailableError,
 )
-from camserve.service.outcomes import ExplainError, ExplainResult, MapResult, Outcome, TargetResult
+from camserve.service.outcomes import (
+    ExplainError,
+    ExplainResult,
+    MapResult,
+    ModelKind,
+    Outcome,
+    Prediction,
+    TargetResult,
+)
 from camserve.service.request import (
     DEFAULT_METHODS,
     DEFAULT_THRESHOLD,
@@ -58,9 +66,12 @@ __all__ = [
     "HEADER_PREFIX",
     "HTTP_STATUS",
     "OPTIONS",
+    "decode_error",
     "decode_map",
+    "decode_outcome",
     "dumps",
     "encode_error",
+    "encode_json_request",
     "encode_outcome",
     "http_status",
     "parse_request",
@@ -514,3 +525,152 @@ def encode_outcome(outcome: Outcome) -> tuple[int, str, str]:
     if isinstance(outcome, ExplainError):
         return encode_error(outcome.error)
     return 200, "", encode_result(outcome)
+
+
+# --- the other direction: what a client of the handlers sends and reads -------------
+def encode_json_request(request: ExplainRequest) -> bytes:
+    """The JSON request body for a request (what :func:`parse_request` reads back).
+
+    Raises:
+        InvalidRequestError: a tensor input or ``predict_only``, which the JSON
+            format does not carry (the message names the field).
+    """
+    if request.tensor is not None or request.image is None:
+        raise InvalidRequestError("tensor: the JSON format takes encoded images only; send image")
+    if request.predict_only:
+        raise InvalidRequestError("predict_only: not carried by the JSON format")
+    body: dict[str, Any] = {
+        "image": _b64(request.image),
+        "methods": list(request.methods),
+        "score": request.score,
+        "output": request.output,
+        "threshold": request.threshold,
+    }
+    if request.top_k is not None:
+        body["top_k"] = request.top_k
+    if request.class_ids:
+        body["class_ids"] = list(request.class_ids)
+    if request.labels:
+        body["labels"] = list(request.labels)
+    if request.layer:
+        body["layer"] = request.layer
+    if request.question is not None:
+        body["question"] = request.question
+    if request.answers:
+        body["answers"] = list(request.answers)
+    if request.options:
+        body["options"] = {m: dict(o) for m, o in request.options.items()}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+_ERRORS_BY_STATUS: dict[int, type[CamserveError]] = {
+    400: InvalidRequestError,
+    413: ImageTooLargeError,
+    503: OverloadedError,
+    504: DeadlineExceededError,
+}
+
+
+def decode_error(payload: Mapping[str, Any]) -> CamserveError:
+    """The error of an ``{"error": {"type", "status", "message"}}`` answer (by its status)."""
+    err = payload["error"]
+    kind = _ERRORS_BY_STATUS.get(int(err.get("status", 500)), ModelFailureError)
+    return kind(str(err.get("message", "")))
+
+
+def _decoded_map(entry: Mapping[str, Any], method: str, layer: str) -> MapResult:
+    box = entry.get("box")
+    return MapResult(
+        method=method,
+        layer=layer,
+        data=decode_map(entry).astype(np.float32) if "shape" in entry else None,
+        png=base64.b64decode(entry["data"]) if entry.get("format") == "png" else None,
+        box=(int(box[0]), int(box[1]), int(box[2]), int(box[3])) if box is not None else None,
+    )
+
+
+def _decoded_target(
+    e: Mapping[str, Any], layer: str, input_methods: frozenset[str], labels: Sequence[str]
+) -> TargetResult:
+    maps = {
+        m: _decoded_map(entry, m, "input" if m in input_methods else layer)
+        for m, entry in e.get("maps", {}).items()
+    }
+    score = float(e["score"])
+    if "word" in e:
+        return TargetResult("word", e["word"], score, position=int(e["position"]), maps=maps)
+    if "caption" in e:
+        return TargetResult("caption", e["caption"], score, maps=maps)
+    if "answer" in e:
+        ids = list(labels)
+        answer_id = ids.index(e["answer"]) if e["answer"] in ids else None
+        return TargetResult("answer", e["answer"], score, id=answer_id, maps=maps)
+    return TargetResult("class", e["label"], score, id=int(e["id"]), maps=maps)
+
+
+def decode_outcome(
+    text: str | bytes,
+    request: ExplainRequest,
+    *,
+    labels: Sequence[str] = (),
+    input_methods: frozenset[str] = frozenset(),
+) -> Outcome:
+    """The typed outcome of a JSON answer (the inverse of :func:`encode_outcome`).
+
+    The JSON rounds scores and probabilities to 6 decimals; maps are exact.
+
+    Args:
+        text: the JSON answer (a result or an ``{"error": ...}`` object).
+        request: the request it answers (its ``request_id`` and model are echoed).
+        labels: the model's labels (VQA answers get their ids from them).
+        input_methods: methods whose maps are at the input resolution (their
+            map layer is ``input``).
+
+    Raises:
+        ValueError, KeyError, TypeError: not an answer of this format.
+    """
+    payload = json.loads(text)
+    if "error" in payload:
+        return ExplainError(request.request_id, request.model, decode_error(payload))
+    layer = str(payload["layer"])
+    kind: ModelKind = "classifier"
+    if "caption" in payload:
+        kind = "captioner"
+    elif "question" in payload:
+        kind = "vqa"
+    if kind == "vqa":
+        ids = list(labels)
+        predictions = tuple(
+            Prediction(ids.index(a["answer"]) if a["answer"] in ids else -1, a["answer"],
+                       float(a["probability"]))
+            for a in payload.get("answers", [])
+        )  # fmt: skip
+    else:
+        predictions = tuple(
+            Prediction(int(p["id"]), p["label"], float(p["probability"]),
+                       float(p["logit"]) if p.get("logit") is not None else None)
+            for p in payload.get("predictions", [])
+        )  # fmt: skip
+    width, height = payload["image_size"]
+    in_h, in_w = payload["input_size"]
+    return ExplainResult(
+        request_id=request.request_id,
+        model=request.model,
+        kind=kind,
+        layer=layer,
+        score=str(payload["score"]),
+        output=str(payload["output"]),
+        image_size=(int(width), int(height)),
+        input_size=(int(in_h), int(in_w)),
+        predictions=predictions,
+        caption=payload.get("caption"),
+        words=tuple(payload.get("words", ())),
+        question=payload.get("question"),
+        answer=payload.get("answer"),
+        targets=tuple(
+            _decoded_target(e, layer, input_methods, labels)
+            for e in payload.get("explanations", [])
+        ),
+        timings={k: float(v) for k, v in payload.get("timings", {}).items()},
+        batch_size=int(payload.get("batch_size", 1)),
+    )

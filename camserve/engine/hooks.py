@@ -25,11 +25,12 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def _check(name: str, output: Any) -> Tensor:
-    if not isinstance(output, Tensor) or output.dim() != 4 or not output.is_floating_point():
+    if not isinstance(output, Tensor) or output.dim() < 3 or not output.is_floating_point():
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise InvalidRequestError(
-            f"layer {name!r} must output a float tensor (N, C, h, w), got {shape}; "
-            "pick a convolutional layer"
+            f"layer {name!r} must output a float tensor (N, C, h, w), (N, h, w, C) or tokens "
+            f"(N, T, C), got {shape}; pick a convolutional or token layer (a module whose "
+            "output is one tensor)"
         )
     return output
 
@@ -48,7 +49,7 @@ class LayerCapture:
     leave the recorded activation (and a leaf's version counter) untouched.
 
     Attributes:
-        acts: layer name -> recorded activation ``(N, C, h, w)``.
+        acts: layer name -> recorded layer output (``(N, C, h, w)``, tokens, ...).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], *, grad: bool) -> None:

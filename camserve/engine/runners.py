@@ -11,12 +11,15 @@ Gradient SHAP) are pure; the engine hands them, per call:
 - ``input_grad(i, x (B, ...)) -> (scores (B, K), grads (B, K, *x.shape[1:]))``.
 
 Other model inputs (question tokens, caption tokens) are image i's, repeated
-along the batch dimension. Results are finite (NaN -> 0, inf -> dtype max).
+along the batch dimension. Scores that are not finite raise
+:class:`~camserve.engine.outputs.NonFiniteOutputError` (a model failure, never
+zeros).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +30,16 @@ from torch import Tensor, nn
 from camserve.engine._numerics import finite
 from camserve.engine.graph import SplitModel
 from camserve.engine.hooks import ReplaceOutput
+from camserve.engine.outputs import NonFiniteOutputError, leaves
 from camserve.engine.targets import Target
+from camserve.errors import UnsupportedMethodError
 
-__all__ = ["Runner", "batched_vjp"]
+__all__ = ["Runner", "batched_vjp", "compare_outputs"]
 
 
-def batched_vjp(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+def batched_vjp(
+    scores: Tensor, inputs: Sequence[Tensor], names: Sequence[str] | None = None
+) -> list[Tensor]:
     """Gradients of each of the K columns of ``scores (B, K)`` w.r.t. ``inputs``, in one backward.
 
     The K one-hot cotangents go through the graph together
@@ -40,14 +47,27 @@ def batched_vjp(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
     no batching rule, a loop over the K targets gives the same result.
     The graph is kept, so several backward passes may follow one forward.
 
+    Args:
+        scores: ``(B, K)`` scores.
+        inputs: tensors the scores were computed from.
+        names: what each input is, for messages (``"layer 'layer4'"``).
+
     Returns:
-        One tensor ``(B, K, *input.shape[1:])`` per input (zeros where unused).
+        One tensor ``(B, K, *input.shape[1:])`` per input.
+
+    Raises:
+        UnsupportedMethodError: the scores do not depend on an input through
+            autograd (the model's forward detaches it, or runs under
+            ``torch.no_grad``): a gradient would be missing, never zeros.
+        NonFiniteOutputError: a gradient is NaN (a model failure, never zeros);
+            infinite gradients are clipped to the dtype's largest values.
     """
     b, k = scores.shape
-    if not scores.requires_grad or not inputs:
-        return [
-            torch.zeros(x.shape[0], k, *x.shape[1:], dtype=x.dtype, device=x.device) for x in inputs
-        ]
+    if not inputs:
+        return []
+    labels = list(names) if names is not None else [f"input {i}" for i in range(len(inputs))]
+    if not scores.requires_grad:
+        raise _no_gradient(labels[: len(inputs)])
     eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
     grads: Sequence[Tensor | None]
     if k == 1:
@@ -83,13 +103,80 @@ def batched_vjp(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
                 None if per_target[0][i] is None else torch.stack([pt[i] for pt in per_target])
                 for i in range(len(inputs))
             ]
-    out = []
-    for x, g in zip(inputs, grads, strict=True):
-        if g is None:
-            out.append(torch.zeros(x.shape[0], k, *x.shape[1:], dtype=x.dtype, device=x.device))
+    unused = [label for label, g in zip(labels, grads, strict=False) if g is None]
+    if unused:
+        raise _no_gradient(unused)
+    out = [g.transpose(0, 1) for g in grads if g is not None]
+    for label, g in zip(labels, out, strict=False):
+        if g.is_floating_point() and bool(torch.isnan(g).any()):
+            rows = torch.isnan(g).reshape(b, -1).any(dim=1).nonzero().flatten().tolist()
+            raise NonFiniteOutputError(
+                f"the gradients of the target scores with respect to {label} are NaN for "
+                f"images {rows} (the model's backward is not defined there)",
+                tuple(rows),
+            )
+    return [finite(g) for g in out]
+
+
+def _no_gradient(what: Sequence[str]) -> UnsupportedMethodError:
+    return UnsupportedMethodError(
+        f"the target scores do not depend on {', '.join(what)} through autograd (the model's "
+        "forward detaches it, leaves torch, or runs under torch.no_grad / inference_mode), so "
+        "its gradients are unavailable; use a method without gradients (ablationcam, scorecam, "
+        "occlusion) or a model whose forward keeps the graph"
+    )
+
+
+def _checked(scores: Tensor, name: str, i: int, what: str) -> Tensor:
+    """``scores`` of image i's variants, or NonFiniteOutputError when any is NaN or inf."""
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteOutputError(
+            f"model {name!r} gave non-finite target scores for image {i} during {what}; "
+            "no map is computed from them",
+            (i,),
+        )
+    return scores
+
+
+def _structure(value: Any) -> Any:
+    """The types of a nested output, tensors replaced by their shapes."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape)
+    if isinstance(value, Mapping):
+        return (type(value), tuple((k, _structure(v)) for k, v in value.items()))
+    if isinstance(value, tuple | list):
+        return (type(value), tuple(_structure(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value),
+            tuple(_structure(getattr(value, f.name)) for f in dataclasses.fields(value)),
+        )
+    return type(value)
+
+
+def compare_outputs(got: Any, want: Any, what: str) -> str:
+    """``""`` when two model outputs agree in structure and values, else how they differ.
+
+    Float tensors must agree to a tolerance of their dtype's precision
+    (``1000 eps`` for float32/64, ``8 eps`` for float16/bfloat16, relative to
+    the largest value); others exactly.
+    """
+    if _structure(got) != _structure(want):
+        return f"{what} gives outputs structured as {_structure(got)}, the model {_structure(want)}"
+    for (path, c), (_, w) in zip(leaves(got), leaves(want), strict=True):
+        if not c.is_floating_point():
+            same = bool(torch.equal(c, w))
         else:
-            out.append(finite(g.transpose(0, 1)))
-    return out
+            eps = float(torch.finfo(c.dtype).eps)
+            tol = 1e3 * eps if eps < 1e-6 else 8 * eps  # float32/64; float16/bfloat16
+            top = float(w.detach().abs().max()) if w.numel() else 0.0
+            same = bool(torch.allclose(c, w, rtol=tol, atol=tol * (1.0 + top)))
+        if not same:
+            return (
+                f"{what} does not reproduce the model's {path} (it reads values computed "
+                "for the call's batch size, or runs differently when traced)"
+            )
+    return ""
 
 
 def _repeat(value: Any, i: int, b: int, n: int) -> Any:
@@ -132,6 +219,9 @@ class Runner:
         frontier: values recorded in the forward for the fx tails.
         restrict_head: let ``tail`` evaluate a final ``nn.Linear`` only on the
             K target rows (see :meth:`tail`); False computes every output.
+        name: the model's name (messages).
+        fallback: layers whose fx cut must not be used (not proven to
+            reproduce the model): their ``tail`` re-runs the whole model.
     """
 
     model: nn.Module
@@ -140,6 +230,8 @@ class Runner:
     split: SplitModel | None
     frontier: tuple[Any, ...] | None
     restrict_head: bool = True
+    name: str = "model"
+    fallback: frozenset[str] = frozenset()
 
     @property
     def n(self) -> int:
@@ -154,7 +246,45 @@ class Runner:
 
     def uses_fx(self, layer: str) -> bool:
         """Whether ``tail`` for ``layer`` runs only the part after the layer."""
-        return self.split is not None and self.frontier is not None and layer in self.split.cuts
+        return (
+            self.split is not None
+            and self.frontier is not None
+            and layer in self.split.cuts
+            and layer not in self.fallback
+        )
+
+    def check_cut(self, layer: str, act: Tensor) -> str:
+        """Whether the fx cut after ``layer`` reproduces the model; the reason when it does not.
+
+        The cut (fed the frontier values of image 0) and the whole model (with
+        the layer's output replaced) run on the same activations, image 0's
+        ``act (1, ...)`` scaled by 1, 1/2 (and 1/4), at a batch size other than
+        the call's, so values the cut recorded for the call's batch size (a
+        ``bs = x.size(0)`` read before the layer) show up. Every output tensor
+        must agree (to a tolerance of the dtype's precision).
+
+        Returns:
+            ``""`` when it reproduces the model, else why not.
+        """
+        split, frontier = self.split, self.frontier
+        if split is None or frontier is None or layer not in split.cuts:
+            return "no fx cut"
+        b = 3 if self.n == 2 else 2
+        scale = torch.tensor([1.0, 0.5, 0.25][:b], dtype=act.dtype, device=act.device)
+        acts = act.expand(b, *act.shape[1:]) * scale.reshape(b, *([1] * (act.dim() - 1)))
+        module = self.model.get_submodule(layer)
+        try:
+            with torch.no_grad():
+                values = [_repeat(v, 0, b, self.n) for v in frontier]
+                cut = split.tail(layer, acts, values)
+                with ReplaceOutput(module) as replace:
+                    replace.value = acts
+                    whole = self._forward(0, _repeat(self.inputs[0], 0, b, self.n))
+        except Exception as exc:  # a cut that cannot run is not used
+            return f"its torch.fx cut fails at batch size {b} ({type(exc).__name__}: {exc})"
+        return compare_outputs(
+            cut, whole, f"its torch.fx cut at batch size {b} (other than the call's)"
+        )
 
     def tail(self, layer: str) -> Callable[[int, Tensor], Tensor]:
         """``tail(i, acts)``: target scores of image i with ``layer``'s output replaced.
@@ -169,6 +299,8 @@ class Runner:
         computes every output.
         """
         split, frontier = self.split, self.frontier
+        if layer in self.fallback:
+            split = None
         target = self.target
         head = split.head(layer) if split is not None and layer in split.cuts else None
         if (
@@ -189,7 +321,9 @@ class Runner:
                     if i not in rows:
                         rows[i] = _target_rows(head, target.ids[i])
                     weight, bias = rows[i]
-                    return finite(F.linear(feats, weight, bias)[:, : target.k])
+                    return _checked(
+                        F.linear(feats, weight, bias)[:, : target.k], self.name, i, "Ablation-CAM"
+                    )
 
             return head_tail
         if split is not None and frontier is not None and layer in split.cuts:
@@ -199,7 +333,8 @@ class Runner:
                 values = [_repeat(v, i, b, self.n) for v in frontier]
                 with torch.no_grad():
                     out = split.tail(layer, acts, values)
-                    return finite(self.target.scores(out, self._rows(i, b)))
+                    scores = self.target.scores(out, self._rows(i, b))
+                    return _checked(scores, self.name, i, "Ablation-CAM")
 
             return fx_tail
         module = self.model.get_submodule(layer)
@@ -210,7 +345,8 @@ class Runner:
             with torch.no_grad(), ReplaceOutput(module) as replace:
                 replace.value = acts
                 out = self._forward(i, x)
-                return finite(self.target.scores(out, self._rows(i, b)))
+                scores = self.target.scores(out, self._rows(i, b))
+                return _checked(scores, self.name, i, "Ablation-CAM")
 
         return rerun_tail
 
@@ -218,12 +354,14 @@ class Runner:
         """Target scores ``(B, K)`` of image i's targets on the B variants ``x``."""
         with torch.no_grad():
             out = self._forward(i, x)
-            return finite(self.target.scores(out, self._rows(i, x.shape[0])))
+            scores = self.target.scores(out, self._rows(i, x.shape[0]))
+            return _checked(scores, self.name, i, "a re-run on masked inputs")
 
     def input_grad(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scores ``(B, K)`` and input gradients ``(B, K, *x.shape[1:])``, one batched backward."""
         xg = x.detach().requires_grad_()
         with torch.enable_grad():
             scores = self.target.scores(self._forward(i, xg), self._rows(i, x.shape[0]))
-            (grads,) = batched_vjp(scores, [xg])
-        return finite(scores.detach()), grads
+            _checked(scores.detach(), self.name, i, "a re-run on reference inputs")
+            (grads,) = batched_vjp(scores, [xg], ["the input"])
+        return scores.detach(), grads

@@ -8,13 +8,16 @@ plug in as a :data:`ScoreFn` without changing the engine (001 sec. 2.2, 2.3).
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from camserve.engine.outputs import require_logits
 from camserve.errors import InvalidRequestError, UnknownNameError
 
 __all__ = ["SCORES", "ScoreFn", "Target", "Targets", "resolve_targets"]
@@ -31,7 +34,9 @@ on per-image data (the answer id of each image, the caption word of each
 image) must index that data with ``rows``; one that does not may ignore it.
 """
 
-Targets: TypeAlias = int | Sequence[Sequence[int]] | Tensor | ScoreFn
+Targets: TypeAlias = (
+    int | Sequence[int] | Sequence[Sequence[int]] | Tensor | np.ndarray[Any, Any] | ScoreFn
+)
 SCORES = ("logit", "probability")
 
 
@@ -98,20 +103,119 @@ class Target:
                     f"the first call gave {self.k}"
                 )
             return out
-        logits = _as_logits(output)
+        logits = require_logits(output, int(rows.shape[0]))
         if self.score == "probability" and kind == "chosen":
             logits = torch.softmax(logits.float(), dim=1).to(logits.dtype)
         return logits.gather(1, ids.to(logits.device))
 
 
-def _as_logits(output: Any) -> Tensor:
-    if not isinstance(output, Tensor) or output.dim() != 2 or not output.is_floating_point():
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+def _as_k(targets: object) -> int | None:
+    """``targets`` as top-k when it is an integer scalar (int, numpy integer, 0-d array/tensor)."""
+    if isinstance(targets, bool | np.bool_):
         raise InvalidRequestError(
-            f"class targets need a model output of shape (N, C) floats, got {shape}; "
-            "pass a score function as targets for other outputs"
+            f"targets must be an int k, class ids or a score function, got {targets!r}"
         )
-    return output
+    if isinstance(targets, int | np.integer):
+        return int(targets)
+    if isinstance(targets, np.ndarray | Tensor) and targets.ndim == 0:
+        _check_integer_dtype(targets)
+        return int(targets.item())
+    return None
+
+
+def _check_integer_dtype(a: np.ndarray[Any, Any] | Tensor) -> None:
+    if isinstance(a, Tensor):
+        ok = not (a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool)
+    else:
+        ok = a.dtype.kind in "iu"
+    if not ok:
+        raise InvalidRequestError(
+            f"class ids must be an integer tensor or array, got dtype {a.dtype}"
+        )
+
+
+def _class_ids(targets: object, n: int) -> Tensor:
+    """Class ids ``(N, K)`` from a tensor, a numpy array or (nested) sequences of integers.
+
+    A 2-D form is ``(N, K)``. A flat form (1-D tensor or array, a list of
+    integers) is one image's K ids when N is 1, and one id per image when its
+    length is N; any other length is ambiguous and refused.
+    """
+    if isinstance(targets, np.ndarray | Tensor):
+        _check_integer_dtype(targets)
+        arr = (
+            targets.detach().cpu()
+            if isinstance(targets, Tensor)
+            else torch.from_numpy(np.ascontiguousarray(targets))
+        )
+        ids = arr.long()
+    elif isinstance(targets, Sequence) and not isinstance(targets, str | bytes):
+        if all(_is_integer(v) for v in targets):
+            ids = torch.tensor([_integer(v) for v in targets], dtype=torch.long)
+        else:
+            rows: list[list[int]] = []
+            for row in targets:
+                if isinstance(row, np.ndarray | Tensor):
+                    _check_integer_dtype(row)
+                    values = row.reshape(-1).tolist()
+                elif isinstance(row, Sequence) and not isinstance(row, str | bytes):
+                    values = list(row)
+                else:
+                    raise InvalidRequestError(
+                        "targets must be an int k, class ids (one list per image, or one "
+                        f"id per image) or a score function, got the item {row!r}"
+                    )
+                rows.append([_integer(v) for v in values])
+            lengths = {len(r) for r in rows}
+            if len(lengths) > 1:
+                raise InvalidRequestError(
+                    f"every image needs the same number of class ids, got lengths {sorted(lengths)}"
+                )
+            ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1)
+    else:
+        raise InvalidRequestError(
+            "targets must be an int k, class ids (a list per image, a tensor or array (N, K)) "
+            f"or a score function, got {type(targets).__name__}"
+        )
+    if ids.dim() == 1:
+        if n == 1:
+            ids = ids[None, :]
+        elif ids.shape[0] == n:
+            ids = ids[:, None]
+        else:
+            raise InvalidRequestError(
+                f"a flat list of {ids.shape[0]} class ids for {n} images is ambiguous; give one "
+                f"id per image ({n} ids) or one list of ids per image ([[...], ...])"
+            )
+    if ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] < 1:
+        raise InvalidRequestError(
+            f"class ids must have shape (N={n}, K>=1), got {tuple(ids.shape)}"
+        )
+    return ids
+
+
+def _is_integer(value: object) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, int | np.integer):
+        return True
+    return (
+        isinstance(value, np.ndarray | Tensor)
+        and value.ndim == 0
+        and (
+            value.dtype.kind in "iu"
+            if isinstance(value, np.ndarray)
+            else not (
+                value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+            )
+        )
+    )
+
+
+def _integer(value: object) -> int:
+    if not _is_integer(value):
+        raise InvalidRequestError(f"class ids must be integers, got {value!r}")
+    return operator.index(value)  # type: ignore[arg-type]
 
 
 def resolve_targets(
@@ -123,15 +227,21 @@ def resolve_targets(
     ``(N, K)`` scores are returned beside the target (None for class targets).
 
     Args:
-        targets: ``k`` (top-k classes by score), per-image class ids
-            (``list[list[int]]`` or LongTensor ``(N, K)``), or a :data:`ScoreFn`.
-        output: the model output of the N images (detached).
+        targets: ``k`` (top-k classes by score; an int, a numpy integer or a
+            0-d integer array/tensor), per-image class ids (``list[list[int]]``,
+            an integer tensor or numpy array ``(N, K)``, a list of per-image
+            arrays), a flat list / 1-D tensor / 1-D array (the K ids of the only
+            image when N is 1, else one id per image; other lengths are
+            ambiguous and refused), or a :data:`ScoreFn`.
+        output: the model output of the N images (detached); class targets
+            need its class scores (see :func:`~camserve.engine.outputs.find_logits`).
         n: the batch size N.
         score: ``"logit"`` or ``"probability"``.
         device: where the rows index of a score function lives.
 
     Raises:
-        InvalidRequestError: bad k, ragged or mis-shaped ids.
+        InvalidRequestError: bad k, ragged, mis-shaped, ambiguous or
+            non-integer ids, or an output without unambiguous class scores.
         UnknownNameError: an unknown score kind, or a class id out of range.
     """
     if score not in SCORES:
@@ -151,51 +261,19 @@ def resolve_targets(
             )
         if not probe.is_floating_point():
             raise InvalidRequestError(f"the score function must return floats, got {probe.dtype}")
-        k = int(probe.shape[1])
-        return Target(torch.arange(k).expand(n, k).clone(), score, targets), probe
-    logits = _as_logits(output)
+        kf = int(probe.shape[1])
+        return Target(torch.arange(kf).expand(n, kf).clone(), score, targets), probe
+    logits = require_logits(output, n)
     c = int(logits.shape[1])
-    if isinstance(targets, bool):
-        raise InvalidRequestError(
-            f"targets must be an int k, class ids or a score function, got {targets!r}"
-        )
-    if isinstance(targets, int):
-        if not 1 <= targets <= c:
+    k = _as_k(targets)
+    if k is not None:
+        if not 1 <= k <= c:
             raise InvalidRequestError(
-                f"targets (top-k) must be in 1..{c} for a model with {c} classes, got {targets}"
+                f"targets (top-k) must be in 1..{c} for a model with {c} classes, got {k}"
             )
-        ids = logits.detach().float().topk(targets, dim=1).indices
+        ids = logits.detach().float().topk(k, dim=1).indices
         return Target(ids.cpu(), score), None
-    if isinstance(targets, Tensor):
-        if (
-            targets.dtype.is_floating_point
-            or targets.dtype.is_complex
-            or targets.dtype == torch.bool
-        ):
-            raise InvalidRequestError(
-                f"class ids must be an integer tensor, got dtype {targets.dtype}"
-            )
-        ids = targets.detach().long().cpu()
-        if ids.dim() == 1:
-            ids = ids[:, None]
-    else:
-        try:
-            id_rows = [[int(v) for v in row] for row in targets]
-        except TypeError as exc:
-            raise InvalidRequestError(
-                "targets must be an int k, per-image class ids (list of lists) "
-                f"or a score function, got {targets!r}"
-            ) from exc
-        lengths = {len(r) for r in id_rows}
-        if len(lengths) > 1:
-            raise InvalidRequestError(
-                f"every image needs the same number of class ids, got lengths {sorted(lengths)}"
-            )
-        ids = torch.tensor(id_rows, dtype=torch.long).reshape(len(id_rows), -1)
-    if ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] < 1:
-        raise InvalidRequestError(
-            f"class ids must have shape (N={n}, K>=1), got {tuple(ids.shape)}"
-        )
+    ids = _class_ids(targets, n)
     bad = ids[(ids < 0) | (ids >= c)]
     if bad.numel():
         raise UnknownNameError("class", int(bad[0]), range(c))

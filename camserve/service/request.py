@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -160,16 +159,9 @@ def _check_options(req: ExplainRequest) -> None:
                 raise UnknownNameError(
                     "option", f"{method}.{name}", [f"{method}.{n}" for n in spec.options]
                 )
-            types, allowed = spec.options[name]
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                names = "/".join(t.__name__ for t in types)
-                raise InvalidRequestError(f"option {method}.{name} must be {names}, got {value!r}")
-            if allowed is not None and value not in allowed:
-                raise UnknownNameError(f"{method}.{name} value", value, allowed)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidRequestError(f"option {method}.{name} must be finite, got {value!r}")
-        checked[method] = MappingProxyType(dict(opts))
-    _set(req, "options", MappingProxyType(checked))
+            spec.options[name].check(method, name, value)
+        checked[method] = dict(opts)
+    _set(req, "options", checked)  # a copy: the caller's mapping may change later
 
 
 def _check_tensor(tensor: object) -> None:

@@ -98,3 +98,16 @@ def test_k8s_ports_match_the_service(path: Path) -> None:
         assert ports[port["targetPort"]] == port["port"]
     annotations = kinds["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+
+
+def test_the_image_installs_camserve_from_its_wheel() -> None:
+    text = (ROOT / "deploy/docker/Dockerfile").read_text()
+    _, build, runtime = text.split("\nFROM ")
+    assert re.search(r"^RUN pip wheel --no-deps .* \.$", build, re.M)
+    copied = {src for line in re.findall(r"^COPY (.+) \S+$", build, re.M) for src in line.split()}
+    # The wheel's package data: camserve/torchserve/files/ links into these folders.
+    for link in (ROOT / "camserve/torchserve/files").iterdir():
+        assert str(link.resolve().relative_to(ROOT)) in copied, link
+    assert re.search(r"pip install .*/dist/camserve-\*\.whl", runtime)
+    assert re.findall(r"^COPY (.+)$", runtime, re.M) == ["--from=wheel /dist /dist"]
+

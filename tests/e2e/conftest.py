@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,9 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camserve.serving.launcher import REPO_ROOT, ServeConfig, TorchServe
 from camserve.torchserve.archive import zoo_models
+from camserve.torchserve.config import ServeConfig
+from camserve.torchserve.process import TorchServe
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STORE = REPO_ROOT / "model_store"
 
 
@@ -88,6 +91,24 @@ def post(
     except urllib.error.HTTPError as exc:
         with exc:
             return Reply(exc.code, exc.read())
+
+
+def free_run(count: int) -> int:
+    """A base port with ``count`` consecutive free ports."""
+    for base in range(23000, 60000, 97):
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
 
 
 def start(tmp: Path, **kwargs: Any) -> TorchServe:

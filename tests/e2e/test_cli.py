@@ -5,36 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from camserve.serving.launcher import REPO_ROOT, ServeConfig, TorchServe
+from camserve.torchserve.config import ServeConfig
+from camserve.torchserve.process import TorchServe
 
-from .conftest import model_of, store_models
+from .conftest import REPO_ROOT, free_run, model_of, store_models
 
 pytestmark = pytest.mark.slow
-
-
-def free_run(count: int) -> int:
-    """A base port with ``count`` consecutive free ports."""
-    for base in range(23000, 60000, 97):
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

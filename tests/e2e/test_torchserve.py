@@ -15,9 +15,9 @@ import torch
 
 from camserve.codecs.http import decode_map
 from camserve.engine import Explainer
-from camserve.serving.launcher import REPO_ROOT, TorchServe
+from camserve.torchserve.process import TorchServe
 
-from .conftest import STORE, Reply, model_of, post, scene_png
+from .conftest import REPO_ROOT, STORE, Reply, model_of, post, scene_png
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +216,7 @@ def test_token_auth_is_on(server: TorchServe) -> None:
 def test_grpc_predictions(server: TorchServe) -> None:
     import grpc
 
-    from camserve.serving.ts_protos import load_stubs
+    from camserve.torchserve.protos import load_stubs
 
     pb2, pb2_grpc, _, _ = load_stubs(REPO_ROOT / "build" / "ts_grpc")
     name = model_of("classifier")

@@ -11,8 +11,9 @@ import torch
 
 from camserve.codecs.http import decode_map
 from camserve.models import read_spec
-from camserve.serving.launcher import ServeConfig, TorchServe
 from camserve.torchserve.archive import build_archive
+from camserve.torchserve.config import ServeConfig
+from camserve.torchserve.process import TorchServe
 
 from .conftest import post, scene_png
 

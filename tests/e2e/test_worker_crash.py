@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from camserve.serving.launcher import TorchServe
+from camserve.torchserve.process import TorchServe
 
 from .conftest import Reply, model_of, post, scene_png, start
 

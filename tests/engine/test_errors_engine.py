@@ -142,7 +142,8 @@ def test_bad_layers_and_settings() -> None:
         Explainer(vgg_net(), "features.3", batch_size=0)
     with pytest.raises(
         InvalidRequestError,
-        match=r"layer 'flat' must output a float tensor \(N, C, h, w\), got \(2, 512\)",
+        match=r"layer 'flat' must output a float tensor \(N, C, h, w\), \(N, h, w, C\) or tokens "
+        r"\(N, T, C\), got \(2, 512\)",
     ):
         Explainer(vgg_net(), "flat").explain(x())
     with pytest.raises(InvalidRequestError, match="at least one method"):

@@ -36,8 +36,10 @@ def test_restricted_head_gives_the_same_maps(make, layer: str, head: str, form: 
     fast = Explainer(model, layer, batch_size=3)
     full = Explainer(model, layer, batch_size=3, restrict_head=False)
     assert fast._split is not None and fast._split.head(layer) is model.get_submodule(head)
-    calls = _count_calls(model.get_submodule(head))
     opts = {"ablationcam": {"form": form}}
+    fast.explain(x, methods=["ablationcam"], targets=2, options=opts)  # proves the cut once
+    assert fast.trace_note == ""
+    calls = _count_calls(model.get_submodule(head))
     got = fast.explain(x, methods=["ablationcam"], targets=2, options=opts)
     assert calls[0] == 3  # only the prediction forward ran the full head
     ref = full.explain(x, methods=["ablationcam"], targets=2, options=opts)

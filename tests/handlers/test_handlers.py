@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from camserve.codecs.http import decode_map
 from camserve.errors import InvalidRequestError
-from camserve.serving.launcher import DEPLOY_DIR, REPO_ROOT
+from camserve.torchserve import resources
 from camserve.torchserve.archive import zoo_models
 
 with warnings.catch_warnings():  # TorchServe leaves ts/version.txt open at import
@@ -25,6 +26,7 @@ with warnings.catch_warnings():  # TorchServe leaves ts/version.txt open at impo
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.utils.util import list_classes_from_module
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STORE = REPO_ROOT / "model_store"
 HANDLER_DIR = REPO_ROOT / "handlers"
 HANDLERS = {
@@ -56,7 +58,7 @@ def model_name(kind: str) -> str:
 def context(name: str, headers: list[dict[str, str]]) -> Context:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        cache = MetricsCacheYamlImpl(str(DEPLOY_DIR / "metrics.yaml"))
+        cache = MetricsCacheYamlImpl(str(resources.metrics_yaml()))
     cache.initialize_cache()
     cache.model_name = name
     ctx = Context(

@@ -221,3 +221,29 @@ def test_bodies_are_plain_compact_json(gap_model: nn.Module) -> None:
     for res in runner.run(items):
         assert res.status == 200, res.body
         assert res.body == json.dumps(json.loads(res.body), separators=(",", ":"))
+
+
+def test_method_options_reach_the_engine_and_split_groups(
+    gap_model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Any] = []
+    real = Explainer.explain
+
+    def spy(self: Explainer, inputs: Any, **kw: Any) -> Any:
+        calls.append(kw["options"])
+        return real(self, inputs, **kw)
+
+    monkeypatch.setattr(Explainer, "explain", spy)
+    image = png(6)
+    opts = {"occlusion": {"mask": 4, "stride": 4}}
+    a, b = make_runner(gap_model).run(
+        [
+            json_item(image, methods=["occlusion"], options=opts),
+            json_item(image, methods=["occlusion"]),
+        ]
+    )
+    assert sorted(map(str, calls)) == sorted([str(opts), "{}"])  # two calls, not one
+    exp = engine_direct(gap_model, "features.3", image, methods=("occlusion",), options=opts)
+    got = decode_map(body(a)["explanations"][0]["maps"]["occlusion"])
+    np.testing.assert_allclose(got, exp.upsampled("occlusion")[0, 0].numpy(), atol=1e-6)
+    assert not np.allclose(got, decode_map(body(b)["explanations"][0]["maps"]["occlusion"]))

@@ -29,6 +29,9 @@ def test_defaults_and_normalisation() -> None:
     assert req.score == "logit" and req.output == "normalized" and req.threshold == 0.15
     t = ExplainRequest(model="m", tensor=np.zeros((3, 4, 4), np.float32))
     assert t.image is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(req)) == req  # requests may cross process boundaries
 
 
 @pytest.mark.parametrize(
@@ -65,7 +68,10 @@ def test_defaults_and_normalisation() -> None:
         ({"options": {"occlusion": {"size": 1}}}, "unknown option 'occlusion.size'"),
         ({"options": {"gradcamx": {}}}, "unknown method 'gradcamx'"),
         ({"options": {"occlusion": 3}}, "options['occlusion'] must be a mapping, got int"),
-        ({"options": {"occlusion": {"fill": math.inf}}}, "option occlusion.fill must be finite"),
+        (
+            {"options": {"occlusion": {"fill": math.inf}}},
+            "option occlusion.fill must be a finite number",
+        ),
         (
             {"options": {"guided_backprop": {"reduce": "max"}}},
             "unknown guided_backprop.reduce value",

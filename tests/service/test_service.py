@@ -127,6 +127,9 @@ def test_tensor_input_skips_decoding_and_gives_the_same_maps(gap_model: nn.Modul
         [ExplainRequest(model="tiny", tensor=np.zeros((3, 8, 8), np.float32))]
     )
     assert isinstance(wrong, ExplainError) and "shape (3, 16, 16)" in str(wrong.error)
+    [png_of_tensor] = service(gap_model).run([ExplainRequest(model="tiny", tensor=x, output="png")])
+    assert isinstance(png_of_tensor, ExplainError)
+    assert "output 'png' overlays an image" in str(png_of_tensor.error)
 
 
 def test_predict_only_gives_predictions_without_an_engine_call(

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from camserve.codecs.http import decode_map
 from camserve.engine import Explainer
 from camserve.service.images import decode_image
-from camserve.service.tasks import CaptionTask, VQATask
+from camserve.service.text_tasks import CaptionTask, VQATask
 
 from .conftest import TRANSFORM, JsonRunner, json_item, png
 
@@ -204,3 +204,31 @@ def test_vqa_errors_are_per_item() -> None:
     assert results[0].message == "a VQA model needs a question (field 'question')"
     assert results[1].message.startswith("unknown answer 'purple'; valid answers: blue, circle")
     assert results[2].message == "labels does not apply to a VQA model"
+
+
+def test_predict_only_captions_and_answers_match_the_explained_ones() -> None:
+    from camserve.service import ExplainRequest, ExplainResult
+
+    cap, _ = caption_runner()
+    vqa, _ = vqa_runner()
+    image = png(5)
+    q = "what colour is the circle"
+    full_c, quick_c = cap.service.run(
+        [
+            ExplainRequest(model="cap", image=image),
+            ExplainRequest(model="cap", image=image, predict_only=True),
+        ]
+    )
+    full_v, quick_v = vqa.service.run(
+        [
+            ExplainRequest(model="vqa", image=image, question=q),
+            ExplainRequest(model="vqa", image=image, question=q, predict_only=True),
+        ]
+    )
+    for full, quick in ((full_c, quick_c), (full_v, quick_v)):
+        assert isinstance(full, ExplainResult) and isinstance(quick, ExplainResult)
+        assert quick.targets == () and full.targets
+        assert (quick.caption, quick.words, quick.answer) == (full.caption, full.words, full.answer)
+        for p, r in zip(quick.predictions, full.predictions, strict=True):
+            assert p.label == r.label and abs(p.probability - r.probability) < 1e-5
+    assert quick_c.caption and quick_v.answer and "generate" in quick_c.timings

@@ -11,6 +11,7 @@ import torch.fx
 
 from camserve import zoo
 from camserve.errors import InvalidRequestError, UnknownNameError
+from camserve.models import load_model, read_spec
 from camserve.zoo.build import BuildConfig, build, ensure_built
 from camserve.zoo.models import VGGFC, Captioner, ResNetGAP, VQAModel, build_model
 from camserve.zoo.scenes import CLASS_NAMES, generate_scenes
@@ -154,6 +155,12 @@ def test_tiny_build_writes_a_loadable_store(tmp_path: Path, one_thread: None) ->
         assert isinstance(state, dict)
         fresh = build_model(entry.arch, entry.kwargs)
         fresh.load_state_dict(state)
+        # the zoo's model spec builds the same model with the same weights
+        loaded = load_model(read_spec(tmp_path / f"{name}.toml"))
+        assert loaded.spec.kind == entry.kind and loaded.spec.layer == entry.target_layer
+        assert loaded.spec.labels == entry.labels and loaded.spec.vocab == entry.vocab
+        for a, b in zip(loaded.model.state_dict().values(), state.values(), strict=True):
+            assert torch.equal(a, b)
     model, entry = zoo.load(tmp_path, "resnet_gap")
     assert model.labels == entry.labels == CLASS_NAMES  # type: ignore[union-attr]
     x = normalize(images_tensor(generate_scenes(seed=0, count=2)))

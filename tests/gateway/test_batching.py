@@ -1,0 +1,224 @@
+"""Dynamic batching, deadlines, cancellation, back-pressure and graceful shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from camserve.gateway.proto import pb, pb_grpc
+from camserve.gateway.server import BackgroundGateway
+from tests.gateway.conftest import EngineBackend, png, start
+
+
+def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
+    return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
+
+
+def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def maps_of(resp: pb.ExplainResponse) -> dict[tuple[int, str], np.ndarray]:
+    return {
+        (int(t.id), m.method): np.frombuffer(m.data.data, "<f4").reshape(tuple(m.data.shape))
+        for t in resp.targets
+        for m in t.maps
+    }
+
+
+REQUESTS = [
+    pb.ExplainRequest(request_id="0", model="tiny", image=png(0), methods=["gradcam"], top_k=1),
+    pb.ExplainRequest(
+        request_id="1", model="tiny", image=png(1), methods=["gradcampp", "xgradcam"], top_k=3
+    ),
+    pb.ExplainRequest(
+        request_id="2", model="tiny", image=png(2), methods=["layercam"], class_ids=[4, 0]
+    ),
+    pb.ExplainRequest(
+        request_id="3",
+        model="tiny",
+        image=png(3),
+        methods=["hirescam", "gradcam"],
+        top_k=2,
+        output=pb.OUTPUT_RAW,
+    ),
+    pb.ExplainRequest(request_id="4", model="tiny", image=png(4), methods=["counterfactual"]),
+    pb.ExplainRequest(
+        request_id="5", model="tiny", image=png(5), methods=["gradcam"], class_ids=[2]
+    ),
+]
+
+
+def test_concurrent_callers_get_their_own_answers_equal_to_separate_calls() -> None:
+    alone = EngineBackend()
+    gw = start(alone, max_batch_size=1)
+    try:
+        separate = {r.request_id: stub(gw).Explain(r, timeout=30) for r in REQUESTS}
+    finally:
+        gw.stop()
+    assert set(alone.calls) == {1}
+
+    grouped = EngineBackend()
+    gw = start(grouped, max_batch_size=16, max_batch_delay_ms=200)
+    try:
+        s = stub(gw)
+        barrier = threading.Barrier(len(REQUESTS))
+
+        def call(r: pb.ExplainRequest) -> pb.ExplainResponse:
+            barrier.wait()
+            return s.Explain(r, timeout=30)
+
+        with ThreadPoolExecutor(len(REQUESTS)) as pool:
+            together = dict(
+                zip([r.request_id for r in REQUESTS], pool.map(call, REQUESTS), strict=True)
+            )
+    finally:
+        gw.stop()
+    assert max(grouped.calls) > 1, grouped.calls  # they did share backend calls
+    assert sum(grouped.calls) == len(REQUESTS)
+    for rid, one in separate.items():
+        both = together[rid]
+        assert both.request_id == rid
+        assert [t.id for t in both.targets] == [t.id for t in one.targets]
+        assert [p.id for p in both.predictions] == [p.id for p in one.predictions]
+        assert both.output == one.output
+        a, b = maps_of(one), maps_of(both)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=f"{rid} {key}")
+        assert both.batch_size >= 1 and one.batch_size == 1
+
+
+def test_an_item_past_its_deadline_is_not_computed(backend: EngineBackend) -> None:
+    gw = start(backend, max_batch_size=1)
+    try:
+        s = stub(gw)
+        backend.gate.clear()
+        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
+        wait_until(
+            lambda: (
+                gw.gateway.dispatcher is not None
+                and "tiny" in gw.gateway.dispatcher.queues
+                and gw.gateway.dispatcher.queues["tiny"].batches == 1
+            )
+        )
+        late = s.Explain.future(
+            pb.ExplainRequest(request_id="late", model="tiny", image=png(1)), timeout=0.3
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            late.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        backend.gate.set()
+        assert first.result(timeout=30).request_id == "first"
+        time.sleep(0.2)
+        assert backend.computed == ["first"]
+    finally:
+        backend.gate.set()
+        gw.stop()
+
+
+def test_deadline_exceeded_inside_a_batch_call(backend: EngineBackend) -> None:
+    """ExplainBatch: the late item gets its own DEADLINE_EXCEEDED status, uncomputed."""
+    gw = start(backend, max_batch_size=1)
+    try:
+        s = stub(gw)
+        backend.gate.clear()
+        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
+        wait_until(
+            lambda: (
+                backend.gate is not None
+                and gw.gateway.dispatcher is not None
+                and "tiny" in gw.gateway.dispatcher.queues
+                and gw.gateway.dispatcher.queues["tiny"].batches == 1
+            )
+        )
+        threading.Timer(0.5, backend.gate.set).start()
+        # 0.3 s deadline as seen by the server; the client waits longer for the answer
+        batch = s.ExplainBatch.future(
+            pb.ExplainBatchRequest(
+                requests=[pb.ExplainRequest(request_id="b", model="tiny", image=png(1))]
+            ),
+            timeout=0.3,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            batch.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        first.result(timeout=30)
+        time.sleep(0.2)
+        assert "b" not in backend.computed
+    finally:
+        backend.gate.set()
+        gw.stop()
+
+
+def test_a_cancelled_call_drops_its_queued_item(backend: EngineBackend) -> None:
+    gw = start(backend, max_batch_size=1)
+    try:
+        s = stub(gw)
+        backend.gate.clear()
+        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
+        queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
+        wait_until(lambda: "tiny" in queues() and queues()["tiny"].batches == 1)
+        gone = s.Explain.future(pb.ExplainRequest(request_id="gone", model="tiny", image=png(1)))
+        wait_until(lambda: len(queues()["tiny"]) == 1)
+        gone.cancel()
+        wait_until(lambda: all(t.future.done() for t in queues()["tiny"]._items))
+        backend.gate.set()
+        assert first.result(timeout=30).request_id == "first"
+        time.sleep(0.2)
+        assert backend.computed == ["first"]
+    finally:
+        backend.gate.set()
+        gw.stop()
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once(backend: EngineBackend) -> None:
+    gw = start(backend, max_batch_size=1, max_queue_size=2)
+    try:
+        s = stub(gw)
+        s.ListModels(pb.ListModelsRequest(), timeout=30)  # channel connected
+        backend.gate.clear()
+        calls = [
+            s.Explain.future(pb.ExplainRequest(request_id=str(i), model="tiny", image=png(i)))
+            for i in range(3)
+        ]  # one computing, two queued
+        queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
+        wait_until(lambda: "tiny" in queues() and len(queues()["tiny"]) == 2)
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            s.Explain(pb.ExplainRequest(model="tiny", image=png(9)), timeout=30)
+        elapsed = time.perf_counter() - t0
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queue_size" in info.value.details()
+        assert elapsed < 0.05, elapsed
+        backend.gate.set()
+        assert [c.result(timeout=30).request_id for c in calls] == ["0", "1", "2"]
+    finally:
+        backend.gate.set()
+        gw.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight_and_refuses_queued(backend: EngineBackend) -> None:
+    gw = start(backend, max_batch_size=1)
+    s = stub(gw)
+    backend.gate.clear()
+    running = s.Explain.future(pb.ExplainRequest(request_id="run", model="tiny", image=png(0)))
+    queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
+    wait_until(lambda: "tiny" in queues() and queues()["tiny"].batches == 1)
+    queued = s.Explain.future(pb.ExplainRequest(request_id="queued", model="tiny", image=png(1)))
+    wait_until(lambda: len(queues()["tiny"]) == 1)
+    threading.Timer(0.3, backend.gate.set).start()
+    gw.stop(grace=10)
+    assert running.result(timeout=30).request_id == "run"
+    with pytest.raises(grpc.RpcError) as info:
+        queued.result(timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert backend.computed == ["run"]
