@@ -50,9 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.engine.graph import find_cam_head
-from camserve.engine.methods import GRADIENT_METHODS
+from camserve.engine.methods import METHOD_SPECS, method_spec
 from camserve.engine.methods.activation import cam
-from camserve.engine.methods.gradient import gradcampp
 from camserve.errors import ExportError, InvalidRequestError, UnknownNameError
 
 __all__ = [
@@ -127,9 +126,14 @@ outputs), traced from the engine's own method functions; the runtime computes th
 others from ``gradients`` (and every map for ``score="probability"``)."""
 
 
+def _plain_gradient(method: str) -> bool:
+    """A map that is a pure function of the activations and the true gradients."""
+    spec = METHOD_SPECS[method]
+    return spec.call == "gradient" and spec.gradients == frozenset({"normal"})
+
+
 def _map_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    allowed = [m for m, (_, kind) in GRADIENT_METHODS.items() if kind == "normal"]
-    allowed.append("gradcampp")
+    allowed = [s.id for s in METHOD_SPECS.values() if _plain_gradient(s.id)]
     for m in methods:
         if m not in allowed:
             raise UnknownNameError("graph map method", m, allowed)
@@ -247,10 +251,9 @@ class _Joint:
         """The gradient family's maps of the logits, by the engine's own method functions."""
         out = []
         for m in self.map_methods:
-            if m == "gradcampp":
-                out.append(gradcampp(act, grads)[0])
-            else:
-                out.append(GRADIENT_METHODS[m][0](act, grads))
+            spec = method_spec(m)
+            result = spec.function(act, grads)
+            out.append(result[0] if spec.returns_stats else result)
         return out
 
 

@@ -21,8 +21,7 @@ from torch import Tensor
 
 from camserve.engine import Explainer, Explanation
 from camserve.engine._numerics import finite
-from camserve.engine.methods import GRADIENT_METHODS, check_options, list_methods
-from camserve.engine.methods.gradient import gradcampp
+from camserve.engine.methods import METHOD_SPECS, check_options, list_methods, method_spec
 from camserve.engine.targets import SCORES, Targets, resolve_targets
 from camserve.engine.timing import Stopwatch
 from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
@@ -31,9 +30,10 @@ __all__ = ["GRAPH_METHODS", "FallbackExplainer", "OnnxExplainer", "select_provid
 
 log = logging.getLogger(__name__)
 
-GRAPH_METHODS: tuple[str, ...] = (
-    *(m for m, (_, kind) in GRADIENT_METHODS.items() if kind == "normal"),
-    "gradcampp",
+GRAPH_METHODS: tuple[str, ...] = tuple(
+    s.id
+    for s in METHOD_SPECS.values()
+    if s.call == "gradient" and s.gradients == frozenset({"normal"})
 )
 """Methods computed from the graph's activations and gradients (plus ``cam`` where exported)."""
 
@@ -400,15 +400,18 @@ class OnnxExplainer:
             with watch.stage(f"method.{m}"):
                 if m == "cam" or m in in_graph:
                     maps[m] = finite(got["cam" if m == "cam" else f"map.{m}"][:, :k].float())
-                elif m == "gradcampp":
-                    out, st = gradcampp(acts, grads, logit_grads, **opts.get(m, {}))
-                    if st:
-                        stats[f"gradcampp@{layer}"] = st
-                        stats["gradcampp"] = st
+                else:  # the engine's own call of a gradient method
+                    spec = method_spec(m)
+                    kw = dict(opts.get(m, {}))
+                    if spec.logit_gradient:
+                        kw["logit_grads"] = logit_grads
+                    out = spec.function(acts, grads, **kw)
+                    if spec.returns_stats:
+                        out, st = out
+                        if st:
+                            stats[f"{m}@{layer}"] = st
+                            stats[m] = st
                     maps[m] = finite(out)
-                else:
-                    fn, _ = GRADIENT_METHODS[m]
-                    maps[m] = finite(fn(acts, grads))
         return Explanation(
             output=output,
             logits=logits,
@@ -471,7 +474,7 @@ class FallbackExplainer:
         if callable(targets) and not isinstance(targets, Tensor):
             return "a score function is not in the ONNX graph"
         if self.onnx.max_targets is not None:
-            k = targets if isinstance(targets, int) else len(targets[0]) if len(targets) else 0
+            k = _target_count(targets)
             if k > self.onnx.max_targets:
                 return f"{k} targets; the graph takes at most {self.onnx.max_targets}"
         return None
@@ -496,3 +499,11 @@ class FallbackExplainer:
             return self.onnx.explain(inputs, methods, targets, score, options)
         log.info("%s: torch engine instead of onnxruntime: %s", self.onnx.path.name, reason)
         return self.torch.explain(inputs, methods, targets, score, options)
+
+
+def _target_count(targets: Targets) -> int:
+    """K of class targets: ``k``, or the ids per image (a flat list: one per image)."""
+    if isinstance(targets, int):
+        return targets
+    t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, Tensor) else targets)
+    return int(t.shape[1]) if t.dim() == 2 else 1
