@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.export import commands as export_commands
 
     export_commands.register(sub)
+    __import__("camserve.audit.commands", fromlist=["register"]).register(sub)
     return parser
 
 

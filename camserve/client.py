@@ -27,10 +27,10 @@ from typing import Any
 import grpc
 
 from camserve.errors import CamserveError
-from camserve.gateway.backends import ModelDescription
 from camserve.gateway.convert import description_from_proto, request_to_proto, result_from_proto
 from camserve.gateway.proto import SERVICE_NAME, pb, pb_grpc
 from camserve.gateway.status import error_of
+from camserve.service import ModelDescription
 from camserve.service.outcomes import ExplainError, ExplainResult, Outcome
 from camserve.service.request import ExplainRequest
 

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from camserve.engine.graph import find_cam_head
 from camserve.engine.methods import METHOD_SPECS, method_spec
 from camserve.engine.methods.activation import cam
+from camserve.engine.methods.gradient import gradcampp
 from camserve.errors import ExportError, InvalidRequestError, UnknownNameError
 
 __all__ = [
@@ -126,14 +127,20 @@ outputs), traced from the engine's own method functions; the runtime computes th
 others from ``gradients`` (and every map for ``score="probability"``)."""
 
 
-def _plain_gradient(method: str) -> bool:
-    """A map that is a pure function of the activations and the true gradients."""
-    spec = METHOD_SPECS[method]
-    return spec.call == "gradient" and spec.gradients == frozenset({"normal"})
+PLAIN_GRADIENT_METHODS: tuple[str, ...] = tuple(
+    s.id
+    for s in METHOD_SPECS.values()
+    if s.call == "gradient"
+    and s.gradients == frozenset({"normal"})
+    and not (s.returns_stats or s.logit_gradient)
+)
+"""Gradient methods that are a pure function ``f(activations, gradients)`` of the plain
+gradients (Grad-CAM, Grad-CAM+, XGrad-CAM, LayerCAM, HiResCAM, counterfactual, ...)."""
 
 
 def _map_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    allowed = [s.id for s in METHOD_SPECS.values() if _plain_gradient(s.id)]
+    allowed = list(PLAIN_GRADIENT_METHODS)
+    allowed.append("gradcampp")
     for m in methods:
         if m not in allowed:
             raise UnknownNameError("graph map method", m, allowed)
@@ -251,9 +258,10 @@ class _Joint:
         """The gradient family's maps of the logits, by the engine's own method functions."""
         out = []
         for m in self.map_methods:
-            spec = method_spec(m)
-            result = spec.function(act, grads)
-            out.append(result[0] if spec.returns_stats else result)
+            if m == "gradcampp":
+                out.append(gradcampp(act, grads)[0])
+            else:
+                out.append(method_spec(m).function(act, grads))
         return out
 
 

@@ -21,19 +21,20 @@ from torch import Tensor
 
 from camserve.engine import Explainer, Explanation
 from camserve.engine._numerics import finite
-from camserve.engine.methods import METHOD_SPECS, check_options, list_methods, method_spec
+from camserve.engine.methods import check_options, list_methods, method_spec
+from camserve.engine.methods.gradient import gradcampp
 from camserve.engine.targets import SCORES, Targets, resolve_targets
 from camserve.engine.timing import Stopwatch
 from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
+from camserve.export.exporter import PLAIN_GRADIENT_METHODS
 
 __all__ = ["GRAPH_METHODS", "FallbackExplainer", "OnnxExplainer", "select_providers"]
 
 log = logging.getLogger(__name__)
 
-GRAPH_METHODS: tuple[str, ...] = tuple(
-    s.id
-    for s in METHOD_SPECS.values()
-    if s.call == "gradient" and s.gradients == frozenset({"normal"})
+GRAPH_METHODS: tuple[str, ...] = (
+    *PLAIN_GRADIENT_METHODS,
+    "gradcampp",
 )
 """Methods computed from the graph's activations and gradients (plus ``cam`` where exported)."""
 
@@ -244,6 +245,10 @@ class OnnxExplainer:
                 "the onnxruntime explainer takes class targets (top-k or class ids); a score "
                 "function must be traced into the graph at export (export_onnx(targets=fn))"
             )
+        if not isinstance(targets, int | bool) and not callable(targets):
+            arr = np.asarray(targets.cpu() if isinstance(targets, Tensor) else targets)
+            if arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer):
+                targets = int(arr)  # a numpy integer or a 0-d array / tensor: top-k
         if isinstance(targets, int) and not isinstance(targets, bool):
             if c is not None and not 1 <= targets <= c:
                 raise InvalidRequestError(
@@ -400,18 +405,14 @@ class OnnxExplainer:
             with watch.stage(f"method.{m}"):
                 if m == "cam" or m in in_graph:
                     maps[m] = finite(got["cam" if m == "cam" else f"map.{m}"][:, :k].float())
-                else:  # the engine's own call of a gradient method
-                    spec = method_spec(m)
-                    kw = dict(opts.get(m, {}))
-                    if spec.logit_gradient:
-                        kw["logit_grads"] = logit_grads
-                    out = spec.function(acts, grads, **kw)
-                    if spec.returns_stats:
-                        out, st = out
-                        if st:
-                            stats[f"{m}@{layer}"] = st
-                            stats[m] = st
+                elif m == "gradcampp":
+                    out, st = gradcampp(acts, grads, logit_grads, **opts.get(m, {}))
+                    if st:
+                        stats[f"gradcampp@{layer}"] = st
+                        stats["gradcampp"] = st
                     maps[m] = finite(out)
+                else:
+                    maps[m] = finite(method_spec(m).function(acts, grads))
         return Explanation(
             output=output,
             logits=logits,
@@ -474,7 +475,12 @@ class FallbackExplainer:
         if callable(targets) and not isinstance(targets, Tensor):
             return "a score function is not in the ONNX graph"
         if self.onnx.max_targets is not None:
-            k = _target_count(targets)
+            if isinstance(targets, int):
+                k = targets
+            else:  # ids per image (N, K), or one image's flat list (K,)
+                given = targets.cpu().numpy() if isinstance(targets, Tensor) else targets
+                shape = np.asarray(given).shape
+                k = int(shape[-1]) if shape else 1
             if k > self.onnx.max_targets:
                 return f"{k} targets; the graph takes at most {self.onnx.max_targets}"
         return None
@@ -499,11 +505,3 @@ class FallbackExplainer:
             return self.onnx.explain(inputs, methods, targets, score, options)
         log.info("%s: torch engine instead of onnxruntime: %s", self.onnx.path.name, reason)
         return self.torch.explain(inputs, methods, targets, score, options)
-
-
-def _target_count(targets: Targets) -> int:
-    """K of class targets: ``k``, or the ids per image (a flat list: one per image)."""
-    if isinstance(targets, int):
-        return targets
-    t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, Tensor) else targets)
-    return int(t.shape[1]) if t.dim() == 2 else 1

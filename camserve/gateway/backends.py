@@ -10,67 +10,13 @@ batch failed (``UnavailableError`` when the backend cannot be reached).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from camserve.service.outcomes import ModelKind, Outcome
+from camserve.service import ModelDescription
+from camserve.service.outcomes import Outcome
 from camserve.service.request import ExplainRequest
 
-__all__ = ["Backend", "MethodDescription", "ModelDescription", "OptionDescription"]
-
-
-@dataclass(frozen=True)
-class OptionDescription:
-    """One option of a method: its name, accepted types and allowed values (if a fixed set)."""
-
-    name: str
-    types: tuple[str, ...]
-    choices: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MethodDescription:
-    """One method a model can be explained with.
-
-    Attributes:
-        id: the method id.
-        resolution: ``layer`` or ``input``.
-        cost: ``single_pass`` or ``rerun``.
-        options: its options.
-    """
-
-    id: str
-    resolution: str
-    cost: str
-    options: tuple[OptionDescription, ...] = ()
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """What a client needs to know to call a model.
-
-    Attributes:
-        name: the served name.
-        kind: ``classifier``, ``captioner`` or ``vqa``.
-        labels: class names (classifier) or answers (VQA).
-        vocabulary: caption / question words.
-        layers: module paths that can be explained; ``default_layer`` the default one.
-        methods: the applicable methods.
-        input_size: ``(C, H, W)`` of the model input.
-        runtime: ``torch`` or ``onnx``.
-        device: where it runs (``cpu``, ``cuda:0``), empty when unknown.
-    """
-
-    name: str
-    kind: ModelKind
-    labels: tuple[str, ...]
-    vocabulary: tuple[str, ...]
-    layers: tuple[str, ...]
-    default_layer: str
-    methods: tuple[MethodDescription, ...]
-    input_size: tuple[int, int, int]
-    runtime: str = "torch"
-    device: str = ""
+__all__ = ["Backend"]
 
 
 class Backend(Protocol):
@@ -91,7 +37,7 @@ class Backend(Protocol):
         """The served model names."""
 
     def describe(self, name: str) -> ModelDescription:
-        """A model's description.
+        """A model's description (the service's :class:`~camserve.service.ModelDescription`).
 
         Raises:
             UnknownNameError: an unknown model (kind ``model``).

@@ -8,14 +8,14 @@ their shape.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from camserve.errors import InvalidRequestError
-from camserve.gateway.backends import MethodDescription, ModelDescription, OptionDescription
 from camserve.gateway.proto import pb
+from camserve.service import MethodDescription, ModelDescription
 from camserve.service.outcomes import (
     ExplainResult,
     MapResult,
@@ -334,26 +334,30 @@ def model_info_of(d: ModelDescription) -> pb.ModelInfo:
         name=d.name,
         kind=_KINDS[d.kind],
         labels=list(d.labels),
-        vocabulary=list(d.vocabulary),
+        vocabulary=list(d.vocab),
         layers=list(d.layers),
-        default_layer=d.default_layer,
+        default_layer=d.layer,
         methods=[
             pb.MethodInfo(
                 id=m.id,
                 resolution=m.resolution,
                 cost=m.cost,
-                options=[
-                    pb.OptionInfo(name=o.name, types=list(o.types), choices=list(o.choices))
-                    for o in m.options
-                ],
+                options=[pb.OptionInfo(name=o, types=list(t)) for o, t in m.options.items()],
             )
             for m in d.methods
         ],
         input_size=pb.ImageSize(width=width, height=height),
         input_channels=channels,
+        mean=list(d.mean),
+        std=list(d.std),
         runtime=d.runtime,
         device=d.device,
     )
+
+
+def _triple(values: Sequence[float], default: float) -> tuple[float, float, float]:
+    a, b, c = (list(values) + [default] * 3)[:3]
+    return (a, b, c)
 
 
 def description_from_proto(msg: pb.ModelInfo) -> ModelDescription:
@@ -362,21 +366,21 @@ def description_from_proto(msg: pb.ModelInfo) -> ModelDescription:
         name=msg.name,
         kind=_KIND_NAMES[msg.kind],
         labels=tuple(msg.labels),
-        vocabulary=tuple(msg.vocabulary),
+        vocab=tuple(msg.vocabulary),
+        layer=msg.default_layer,
         layers=tuple(msg.layers),
-        default_layer=msg.default_layer,
         methods=tuple(
             MethodDescription(
                 id=m.id,
                 resolution=m.resolution,
                 cost=m.cost,
-                options=tuple(
-                    OptionDescription(o.name, tuple(o.types), tuple(o.choices)) for o in m.options
-                ),
+                options={o.name: tuple(o.types) for o in m.options},
             )
             for m in msg.methods
         ),
         input_size=(msg.input_channels, msg.input_size.height, msg.input_size.width),
+        mean=_triple(msg.mean, 0.0),
+        std=_triple(msg.std, 1.0),
         runtime=msg.runtime,
         device=msg.device,
     )

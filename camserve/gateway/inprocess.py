@@ -7,8 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from camserve.gateway.backends import MethodDescription, ModelDescription, OptionDescription
-from camserve.service import ExplainService, Settings
+from camserve.service import ExplainService, ModelDescription, Settings
 from camserve.service.outcomes import Outcome
 from camserve.service.request import ExplainRequest
 
@@ -69,27 +68,7 @@ class InProcessBackend:
 
     def describe(self, name: str) -> ModelDescription:
         """The model's description (UnknownNameError for an unknown name)."""
-        d = self.service.describe(name)
-        return ModelDescription(
-            name=d.name,
-            kind=d.kind,
-            labels=d.labels,
-            vocabulary=d.vocab,
-            layers=d.layers,
-            default_layer=d.layer,
-            methods=tuple(
-                MethodDescription(
-                    m.id,
-                    m.resolution,
-                    m.cost,
-                    tuple(OptionDescription(o, tuple(t)) for o, t in m.options.items()),
-                )
-                for m in d.methods
-            ),
-            input_size=d.input_size,
-            runtime=d.runtime,
-            device=d.device,
-        )
+        return self.service.describe(name)
 
     def ready(self, name: str) -> bool:
         """Loaded models are always ready."""

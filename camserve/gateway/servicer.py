@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from camserve.errors import CamserveError, InvalidRequestError, UnavailableError, UnknownNameError
-from camserve.gateway.backends import Backend, ModelDescription
+from camserve.gateway.backends import Backend
 from camserve.gateway.batcher import Dispatcher
 from camserve.gateway.convert import model_info_of, request_from_proto, response_of
 from camserve.gateway.metrics import GatewayMetrics
 from camserve.gateway.proto import pb, pb_grpc
 from camserve.gateway.status import code_of, status_of
+from camserve.service import ModelDescription
 from camserve.service.outcomes import ExplainError, ExplainResult, Outcome
 
 __all__ = ["ExplanationServicer"]

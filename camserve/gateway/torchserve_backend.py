@@ -15,6 +15,7 @@ neither); such items get INVALID_ARGUMENT naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -33,7 +34,7 @@ from camserve.errors import (
     UnavailableError,
     UnknownNameError,
 )
-from camserve.gateway.backends import ModelDescription
+from camserve.service import ModelDescription
 from camserve.service.outcomes import ExplainError, Outcome
 from camserve.service.request import ExplainRequest
 
@@ -208,7 +209,7 @@ class TorchServeBackend:
             except UnknownNameError as exc:
                 raise UnknownNameError("model", name, self.model_names()) from exc
             d = local.describe(name)
-            d = ModelDescription(**{**d.__dict__, "device": self.device})
+            d = dataclasses.replace(d, device=self.device)
             self._descriptions[name] = d
             return d
 

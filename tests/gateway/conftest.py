@@ -28,13 +28,9 @@ from camserve.errors import (
     UnavailableError,
     UnknownNameError,
 )
-from camserve.gateway.backends import (
-    MethodDescription,
-    ModelDescription,
-    OptionDescription,
-)
 from camserve.gateway.server import BackgroundGateway
 from camserve.gateway.settings import GatewaySettings
+from camserve.service import MethodDescription, ModelDescription
 from camserve.service.outcomes import (
     ExplainError,
     ExplainResult,
@@ -107,14 +103,10 @@ class EngineBackend:
                 m,
                 METHOD_SPECS[m].resolution,
                 METHOD_SPECS[m].cost,
-                tuple(
-                    OptionDescription(
-                        o,
-                        tuple(t.__name__ for t in spec.types),
-                        tuple(str(c) for c in spec.choices or ()),
-                    )
+                {
+                    o: tuple(t.__name__ for t in spec.types)
                     for o, spec in METHOD_SPECS[m].options.items()
-                ),
+                },
             )
             for m in list_methods()
         )
@@ -122,11 +114,14 @@ class EngineBackend:
             name=self.name,
             kind="classifier",
             labels=LABELS,
-            vocabulary=(),
+            vocab=(),
+            layer=self.layer,
             layers=tuple(n for n, _ in self.model.named_modules() if n),
-            default_layer=self.layer,
             methods=methods,
             input_size=(3, SIZE, SIZE),
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+            runtime="torch",
             device=self.device,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -222,3 +223,33 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_queued(backend: Engine
         queued.result(timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert backend.computed == ["run"]
+
+
+def test_a_cancelled_stream_drops_its_queued_items(backend: EngineBackend) -> None:
+    gw = start(backend, max_batch_size=1)
+    try:
+        s = stub(gw)
+        backend.gate.clear()
+        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
+        queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
+        wait_until(lambda: "tiny" in queues() and queues()["tiny"].batches == 1)
+        sent, done = threading.Event(), threading.Event()
+
+        def requests() -> Iterator[pb.ExplainRequest]:
+            for i in range(3):
+                yield pb.ExplainRequest(request_id=f"s{i}", model="tiny", image=png(i + 1))
+            sent.set()
+            done.wait(30)  # keep the stream open until it is cancelled
+
+        call = s.ExplainStream(requests())
+        wait_until(lambda: sent.is_set() and len(queues()["tiny"]) == 3)
+        call.cancel()
+        done.set()
+        wait_until(lambda: all(t.future.done() for t in queues()["tiny"]._items))
+        backend.gate.set()
+        assert first.result(timeout=30).request_id == "first"
+        time.sleep(0.2)
+        assert backend.computed == ["first"]
+    finally:
+        backend.gate.set()
+        gw.stop()

@@ -138,7 +138,7 @@ def test_mixed_models_in_one_batch_call(zoo: BackgroundGateway) -> None:
         models = {m.name: m for m in client.list_models()}
     assert set(models) == {"resnet_gap", "captioner", "vqa"}
     assert models["vqa"].kind == "vqa" and "green" in models["vqa"].labels
-    assert models["captioner"].vocabulary
+    assert models["captioner"].vocab
 
 
 @pytest.mark.slow
