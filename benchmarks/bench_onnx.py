@@ -163,7 +163,7 @@ def _time(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def bench_model(
-    name: str, rounds: int, batches: list[int], threads: int, folder: Path
+    name: str, rounds: int, batches: list[int], threads: int, folder: Path, spinning: bool = True
 ) -> dict[str, Any]:
     """Export ``name``, then time torch vs onnxruntime at each batch size, interleaved."""
     model, layer, size = MODELS[name]()
@@ -172,7 +172,7 @@ def bench_model(
     t0 = time.perf_counter()
     report = export_onnx(model, example, layer, folder / f"{name}.onnx", targets=5)
     export_s = time.perf_counter() - t0
-    ox = OnnxExplainer(report.path, threads=threads)
+    ox = OnnxExplainer(report.path, threads=threads, spinning=spinning)
     ex = Explainer(model, layer)
     out: dict[str, Any] = {
         "layer": layer,
@@ -239,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="2 rounds (smoke test)")
+    p.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="onnxruntime's idle threads sleep (pair with OMP_WAIT_POLICY=PASSIVE for torch)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
@@ -250,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             if name not in MODELS:
                 p.error(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
             try:
-                results[name] = bench_model(name, rounds, batches, args.threads, Path(tmp))
+                results[name] = bench_model(
+                    name, rounds, batches, args.threads, Path(tmp), not args.no_spinning
+                )
             except ModuleNotFoundError as exc:
                 skipped[name] = str(exc)
                 print(f"{name}: skipped ({exc})", flush=True)
@@ -258,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "onnxruntime": importlib.import_module("onnxruntime").__version__,
         "threads": args.threads,
+        "onnxruntime_spinning": not args.no_spinning,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "rounds": rounds,
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),

@@ -628,7 +628,10 @@ def export_onnx(
     op_set = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     # ---- onnxruntime vs torch on the example and on a batch of another size
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load the graph: {exc}") from exc
     diffs: dict[str, float] = {}
     worst: list[str] = []
     for batch_xs in (xs, _resized_batch(xs)):

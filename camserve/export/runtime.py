@@ -89,6 +89,8 @@ class OnnxExplainer:
         provider: ``"cuda"``, ``"cpu"`` or None (CUDA when onnxruntime-gpu
             finds a GPU, else the CPU); the choice is logged.
         threads: onnxruntime's intra-op threads (None: its default, all cores).
+        spinning: let idle intra-op threads spin (onnxruntime's default); False
+            makes them sleep, which helps when other processes share the cores.
         pad_id: right-pad integer further inputs (question tokens) that are
             shorter than the graph's fixed length with this id (None: the
             file's ``camserve.pad_id`` metadata, else refuse).
@@ -114,6 +116,7 @@ class OnnxExplainer:
         provider: str | None = None,
         threads: int | None = None,
         pad_id: int | None = None,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -121,6 +124,8 @@ class OnnxExplainer:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
+        if not spinning:  # onnxruntime's counterpart of OMP_WAIT_POLICY=PASSIVE
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             str(self.path), sess_options=options, providers=select_providers(provider)
         )
@@ -245,6 +250,10 @@ class OnnxExplainer:
                 "the onnxruntime explainer takes class targets (top-k or class ids); a score "
                 "function must be traced into the graph at export (export_onnx(targets=fn))"
             )
+        if not isinstance(targets, int | bool) and not callable(targets):
+            arr = np.asarray(targets.cpu() if isinstance(targets, Tensor) else targets)
+            if arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer):
+                targets = int(arr)  # a numpy integer or a 0-d array / tensor: top-k
         if isinstance(targets, int) and not isinstance(targets, bool):
             if c is not None and not 1 <= targets <= c:
                 raise InvalidRequestError(

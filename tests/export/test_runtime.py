@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -105,6 +106,10 @@ def test_bad_targets_and_inputs(
     (x,) = real_inputs("vgg_fc", 2)
     ox = OnnxExplainer(exported("vgg_fc")[2].path)
     assert ox.max_targets == 5 and ox.num_classes == 12  # this graph fixes K (see README)
+    for k in (torch.tensor(2), np.int64(2)):  # 0-d integers mean top-k, as in the engine
+        res = ox.explain(x, targets=k)
+        assert res.logits is not None
+        assert torch.equal(res.target_ids, res.logits.topk(2, dim=1).indices)
     with pytest.raises(InvalidRequestError, match="at most 5 targets per image, got 6"):
         ox.explain(x, targets=6)
     with pytest.raises(UnknownNameError, match="unknown class 12"):
