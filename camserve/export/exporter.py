@@ -556,16 +556,19 @@ def export_onnx(
         None if cam_weight is None else cam_weight.detach().clone(),
         map_methods=_map_methods(map_methods),
     )
-    n = xs[0].shape[0]
+    # Symbolic tracing specialises a dimension of size 1 to the constant 1, so a single
+    # example image is traced as a batch of two copies (the graph's batch stays dynamic).
+    trace_xs = xs if xs[0].shape[0] > 1 else [torch.cat([x, x]) for x in xs]
+    n = trace_xs[0].shape[0]
     class_ids = torch.full((n, k), -1, dtype=torch.long) if classes else None
     state = joint.state()
 
     # ---- trace forward + VJP to ATen ops, then export
-    traced = _trace(joint, state, xs, class_ids)
+    traced = _trace(joint, state, trace_xs, class_ids)
     fixed = _specialized(traced, len(xs), classes)
     if fixed:
         joint.loop = True
-        traced = _trace(joint, state, xs, class_ids)
+        traced = _trace(joint, state, trace_xs, class_ids)
         fixed = [f for f in _specialized(traced, len(xs), classes) if f != "class_ids dim 1"]
         if fixed:
             raise ExportError(
@@ -576,7 +579,7 @@ def export_onnx(
     dynamic_k = classes and not joint.loop
     graph = _Graph(traced, state, len(xs), classes).eval()
     in_names = ["images", *(f"input_{j}" for j in range(1, len(xs)))]
-    args: list[Tensor] = list(xs)
+    args: list[Tensor] = list(trace_xs)
     batch = torch.export.Dim("batch", min=1, max=65536)
     dyn: list[dict[int, Any]] = [{0: batch} for _ in xs]
     if classes and class_ids is not None:

@@ -165,3 +165,21 @@ def test_cli_export_onnx(
     assert "max abs diff: logits" in text.out and out.is_file()
     code = main(["export-onnx", "captioner", "--model-store", str(zoo_store), "--out", str(out)])
     assert code == 1 and "captioner is not exported" in capsys.readouterr().err
+
+
+def test_a_single_example_image_gives_a_dynamic_batch(tmp_path: Path) -> None:
+    """One example image is enough: the graph is not fixed to a batch of 1."""
+    model = _tiny()
+    torch.manual_seed(1)
+    report = export_onnx(model, torch.randn(1, 3, 16, 16), "3", tmp_path / "one.onnx", targets=2)
+    proto = onnx.load(str(report.path))
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value
+    x = torch.randn(5, 3, 16, 16)
+    got = _run(report.path, (x,), 2)
+    with torch.no_grad():
+        ref = model(x)
+    assert got["logits"].shape == (5, 6)
+    diff = float(np.abs(got["logits"] - ref.numpy()).max())
+    assert diff <= TOL * max(1.0, float(ref.abs().max()))
+    np.testing.assert_array_equal(got["target_ids"], ref.topk(2, dim=1).indices.numpy())
