@@ -118,8 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     for key, value in server.describe().items():
         print(f"  {key:22s} {value}")
     print(f"  {'models':22s} {', '.join(server.models)}")
-    example = next((m for m in server.models if "vqa" not in m and "caption" not in m), None)
-    example = example or server.models[0]
+    example = _example_model(server.models, server.config.model_store)
     print("[camserve] try (any PNG/JPEG; model_store/examples/ has some):")
     print("  " + server.curl_example(example, _example_image(server.config.model_store)))
     if args.background:
@@ -129,6 +128,18 @@ def _serve(args: argparse.Namespace) -> int:
     code = server.serve_forever()
     print("[camserve] stopped")
     return code
+
+
+def _example_model(models: list[str], store: Path) -> str:
+    """A served zoo classifier (the example images are zoo scenes), else the first model."""
+    from camserve.torchserve.archive import zoo_models
+
+    try:
+        zoo = zoo_models(store)
+    except (OSError, ValueError, KeyError):
+        zoo = {}
+    classifiers = [m for m in models if zoo.get(m, {}).get("kind") == "classifier"]
+    return classifiers[0] if classifiers else models[0]
 
 
 def _example_image(store: Path) -> str:
