@@ -267,7 +267,8 @@ class InProcessScorer:
                 swap["acts"] = batch.to(acts.dtype)
                 try:
                     with torch.no_grad():
-                        out: torch.Tensor = self.model(x[i : i + 1].expand(batch.shape[0], *x.shape[1:]))
+                        copies = x[i : i + 1].expand(batch.shape[0], *x.shape[1:])
+                        out: torch.Tensor = self.model(copies)
                 finally:
                     del swap["acts"]
                 return out[:, class_ids[i] : class_ids[i] + 1]
