@@ -244,8 +244,9 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
         options.setdefault("occlusion", {"mask": max(3, round(35 * side / 224)),
                                          "stride": max(1, round(16 * side / 224))})
     alpha = "alpha" in g and "gradcampp" in s.methods  # Grad-CAM++'s alphas, when it is audited
-    exp: Explained = scorer.explain(prep.pixels, methods, ids, options, alpha,
-                                    "sensitivity" in g)
+    # asked only when wanted, so scorers written before the sensitivity group still fit
+    extra = {"sensitivity": True} if "sensitivity" in g else {}
+    exp: Explained = scorer.explain(prep.pixels, methods, ids, options, alpha, **extra)
     top1 = ids[:, 0]
     y = probs[np.arange(n), top1]
     batch = _Batcher(s.score_batch)
