@@ -105,8 +105,9 @@ def register(sub: Any) -> None:
         help="score a classifier's explanations on a data set (summary, SQLite, HTML report)",
         description="Explain every image of DATASET with each method and score the maps: "
         "weak localization, pointing game, average drop / increase in confidence, relative "
-        "performance, deletion / insertion, ROAD, conservation, Grad-CAM++ alphas, fidelity, "
-        "contrastivity, rank correlation with occlusion. Resumable: rerun to continue.",
+        "performance, deletion / insertion, ROAD, conservation, sensitivity, Grad-CAM++ "
+        "alphas, fidelity, contrastivity, rank correlation with occlusion. Resumable: rerun to "
+        "continue.",
     )
     p.add_argument("dataset", help="COCO instances .json, Pascal VOC folder, or labels .csv")
     p.add_argument("--model", required=True,
@@ -116,8 +117,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--methods", help="comma-separated method ids (default: gradcam,gradcam_pos,"
                    "gradcampp,xgradcam)")
-    p.add_argument("--metrics", help="comma-separated metric groups (default: all but road and "
-                   "rank_correlation)")
+    p.add_argument("--metrics", help="comma-separated metric groups (default: all but road, "
+                   "rank_correlation and sensitivity)")
     p.add_argument("--layer", help="layer to explain (default: the model's)")
     p.add_argument("--options", help='engine options as JSON, e.g. \'{"ablationcam": {"form": '
                    '"sum"}}\'')

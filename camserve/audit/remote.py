@@ -107,8 +107,13 @@ class RemoteScorer:
         class_ids: NDArray[np.int64],
         options: Mapping[str, Mapping[str, Any]],
         alpha_stats: bool = False,
+        sensitivity: bool = False,
     ) -> Explained:
-        """Raw maps of ``class_ids`` from the service, normalised and upsampled here."""
+        """Raw maps of ``class_ids`` from the service, normalised and upsampled here.
+
+        ``sensitivity`` is accepted and ignored: the service returns maps, not
+        channel weights or ablated scores, so a remote audit has no sensitivity rows.
+        """
         reqs = [
             ExplainRequest(self.model, tensor=self._tensor(p), methods=tuple(methods),
                            class_ids=tuple(int(c) for c in ids), output="raw", boxes=False,

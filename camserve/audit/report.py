@@ -41,10 +41,11 @@ _LABELS: dict[str, tuple[str, str]] = {
     "contrastivity": ("contrastivity", "↑"),
     "rank_correlation": ("Spearman ρ with occlusion", "↑"),
     "conservation_residual": ("conservation residual", "↓"),
+    "sensitivity_residual": ("sensitivity residual", "↓"),
 }
 
 _BOX_METRICS = ("deletion_auc", "insertion_auc", "road", "contrastivity", "rank_correlation",
-                "conservation_residual")
+                "conservation_residual", "sensitivity_residual")
 
 
 def _fmt(v: Any) -> str:
@@ -82,7 +83,7 @@ def _boxplots(store_rows: Any, methods: Sequence[str], drops: Mapping[str, Mappi
             ax.boxplot([d if d else [math.nan] for d in data], showfliers=True)
             ax.set_xticks(range(1, len(methods) + 1), list(methods), rotation=30, ha="right",
                           fontsize=8)
-        if metric == "conservation_residual":
+        if metric in ("conservation_residual", "sensitivity_residual"):
             ax.set_yscale("log")  # residuals span orders of magnitude across methods
         label, arrow = _LABELS.get(metric, (metric, ""))
         ax.set_title(f"{label} {arrow}", fontsize=10)

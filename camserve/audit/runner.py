@@ -41,6 +41,7 @@ METRICS: tuple[str, ...] = (
     "insertion",
     "road",
     "conservation",
+    "sensitivity",
     "alpha",
     "fidelity",
     "contrastivity",
@@ -48,10 +49,13 @@ METRICS: tuple[str, ...] = (
 )
 """Metric groups an audit can compute (``rank_correlation`` also runs occlusion, by default
 with 001's 35 px mask and a 16 px stride scaled from 224 px to the input; ``alpha`` applies
-when ``gradcampp`` is among the methods)."""
+when ``gradcampp`` is among the methods; ``sensitivity`` applies to the methods of
+:data:`~camserve.audit.scorer.SENSITIVITY_METHODS`, in-process only)."""
 
-DEFAULT_METRICS = tuple(m for m in METRICS if m not in ("road", "rank_correlation"))
-"""The default: ROAD (sparse solves) and rank correlation (occlusion) cost the most."""
+DEFAULT_METRICS = tuple(m for m in METRICS
+                        if m not in ("road", "rank_correlation", "sensitivity"))
+"""The default: ROAD (sparse solves), rank correlation (occlusion) and sensitivity (one
+re-run of the network after the layer per channel and image) cost the most."""
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,9 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
         options.setdefault("occlusion", {"mask": max(3, round(35 * side / 224)),
                                          "stride": max(1, round(16 * side / 224))})
     alpha = "alpha" in g and "gradcampp" in s.methods  # Grad-CAM++'s alphas, when it is audited
-    exp: Explained = scorer.explain(prep.pixels, methods, ids, options, alpha)
+    # asked only when wanted, so scorers written before the sensitivity group still fit
+    extra = {"sensitivity": True} if "sensitivity" in g else {}
+    exp: Explained = scorer.explain(prep.pixels, methods, ids, options, alpha, **extra)
     top1 = ids[:, 0]
     y = probs[np.arange(n), top1]
     batch = _Batcher(s.score_batch)
@@ -287,6 +293,10 @@ def score_chunk(scorer: Scorer, prep: Prepared, s: AuditSettings) -> tuple[list[
             if "conservation" in g and m in exp.sums:
                 add(m, c0, "conservation_residual",
                     M.conservation_residual(float(exp.sums[m][i, 0]), float(exp.scores[i, 0])))
+            if "sensitivity" in g and m in exp.contributions and exp.drops is not None:
+                add(m, c0, "sensitivity_residual",
+                    M.sensitivity_residual(exp.contributions[m][i], exp.drops[i],
+                                           float(exp.scores[i, 0])))
             if "alpha" in g and m == "gradcampp" and exp.stats:
                 for name, v in exp.stats[i].items():
                     add(m, c0, name, v)

@@ -21,10 +21,12 @@ from numpy.typing import NDArray
 from torch import nn
 
 from camserve.engine import Explainer
+from camserve.engine.graph import find_cam_head
+from camserve.engine.methods import gradient, perturbation
 from camserve.errors import InvalidRequestError, UnknownNameError, UnsupportedMethodError
 
-__all__ = ["Explained", "InProcessScorer", "Scorer", "file_digest", "load_scorer",
-           "load_zoo_scorer"]
+__all__ = ["SENSITIVITY_METHODS", "Explained", "InProcessScorer", "Scorer", "file_digest",
+           "load_scorer", "load_zoo_scorer"]
 
 F32 = NDArray[np.float32]
 
@@ -42,6 +44,12 @@ class Explained:
         scores: ``(N, K)`` the explained (pre-softmax) scores.
         stats: per image, ``stats["gradcampp"]`` of the top target (alpha
             statistics, 002), when asked for; else empty.
+        contributions: method id -> ``(N, C)`` each channel's share
+            ``w_k sum_xy A^k`` of the top target's raw map, before its final
+            ReLU (004 eq. 5), for the methods in :data:`SENSITIVITY_METHODS`,
+            when asked for; else empty.
+        drops: ``(N, C)`` the top target's score drop ``S - S_k`` with channel
+            ``k`` of the layer zeroed, when asked for; else None.
     """
 
     maps: dict[str, F32]
@@ -49,6 +57,15 @@ class Explained:
     peaks: dict[str, F32]
     scores: F32
     stats: list[dict[str, float]] = field(default_factory=list)
+    contributions: dict[str, F32] = field(default_factory=dict)
+    drops: F32 | None = None
+
+
+SENSITIVITY_METHODS: tuple[str, ...] = (*gradient.CHANNEL_WEIGHTS, "cam", "ablationcam")
+"""Methods whose map is ``ReLU(sum_k w_k A^k)`` (or ``sum_k w_k A^k``) with one weight per
+channel, so the sensitivity residual (004 eq. 5) applies: the gradient methods of
+:data:`camserve.engine.methods.gradient.CHANNEL_WEIGHTS`, CAM (the head's weights) and
+Ablation-CAM (drops over ``S`` or over ``sum_xy A^k``, as its ``form`` option says)."""
 
 
 class Scorer(Protocol):
@@ -77,8 +94,10 @@ class Scorer(Protocol):
         class_ids: NDArray[np.int64],
         options: Mapping[str, Mapping[str, Any]],
         alpha_stats: bool = False,
+        sensitivity: bool = False,
     ) -> Explained:
-        """Maps of ``class_ids`` ``(N, K)`` for every method."""
+        """Maps of ``class_ids`` ``(N, K)`` for every method (with ``sensitivity``, also
+        the channel contributions and drops of the top target, where the scorer can)."""
         ...
 
 
@@ -149,8 +168,14 @@ class InProcessScorer:
         class_ids: NDArray[np.int64],
         options: Mapping[str, Mapping[str, Any]],
         alpha_stats: bool = False,
+        sensitivity: bool = False,
     ) -> Explained:
-        """Maps of ``class_ids`` ``(N, K)`` for every method (one engine call)."""
+        """Maps of ``class_ids`` ``(N, K)`` for every method (one engine call).
+
+        With ``sensitivity``, also :attr:`Explained.contributions` and
+        :attr:`Explained.drops` of the first target of every image (see
+        :meth:`channel_terms`).
+        """
         x = self._input(pixels)
         ids = torch.from_numpy(np.asarray(class_ids, dtype=np.int64))
         res = self.explainer.explain(x, methods=list(methods), targets=ids, options=options)
@@ -173,7 +198,103 @@ class InProcessScorer:
                     x[i : i + 1], methods=["gradcampp"], targets=ids[i : i + 1, :1], options=opts
                 )
                 stats.append(dict(one.stats.get("gradcampp", {})))
-        return Explained(maps, sums, peaks, res.target_scores.numpy().astype(np.float32), stats)
+        contributions: dict[str, F32] = {}
+        drops: F32 | None = None
+        wanted = [m for m in methods if m in SENSITIVITY_METHODS]
+        if sensitivity and wanted:
+            contributions, drops = self.channel_terms(x, ids[:, 0], wanted, options)
+        return Explained(maps, sums, peaks, res.target_scores.numpy().astype(np.float32), stats,
+                         contributions, drops)
+
+    def channel_terms(
+        self,
+        x: torch.Tensor,
+        class_ids: torch.Tensor,
+        methods: Sequence[str],
+        options: Mapping[str, Mapping[str, Any]],
+    ) -> tuple[dict[str, F32], F32]:
+        """Per channel, each method's share of the map and the score's drop (004 eq. 5).
+
+        One forward and backward give the layer's activations ``A`` and the
+        gradients of the pre-softmax scores ``S``; the channel weights come
+        from the engine's own weight functions
+        (:data:`~camserve.engine.methods.gradient.CHANNEL_WEIGHTS`, CAM's head
+        rows), the drops ``S - S_k`` from the engine's Ablation-CAM numerator
+        (:func:`~camserve.engine.methods.perturbation.ablation_drops`), re-running
+        the model with channel ``k`` of the layer zeroed, ``C`` runs per image.
+
+        Args:
+            x: ``(N, 3, H, W)`` normalised model inputs.
+            class_ids: ``(N,)`` the explained class of each image.
+            methods: ids among :data:`SENSITIVITY_METHODS`.
+            options: engine options per method (Ablation-CAM's ``form``).
+
+        Returns:
+            method id -> ``(N, C)`` contributions ``w_k sum_xy A^k``, and the
+            ``(N, C)`` drops.
+
+        Raises:
+            UnsupportedMethodError: the layer's output is not ``(N, C, h, w)``,
+                or ``cam`` on a model without a GAP + linear head after the layer.
+        """
+        module = self.model.get_submodule(self.layer)
+        held: dict[str, torch.Tensor] = {}
+        swap: dict[str, torch.Tensor] = {}
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> Any:
+            if "acts" in swap:
+                return swap["acts"]
+            held["acts"] = out
+            return None
+
+        handle = module.register_forward_hook(hook)
+        try:
+            rows = torch.arange(x.shape[0])
+            with torch.enable_grad():
+                logits = self.model(x.clone().requires_grad_())
+                acts = held.get("acts")
+                if not isinstance(acts, torch.Tensor) or acts.dim() != 4:
+                    raise UnsupportedMethodError(
+                        f"the sensitivity residual needs (N, C, h, w) activations at layer "
+                        f"{self.layer!r}"
+                    )
+                scores = logits[rows, class_ids]
+                (grads,) = torch.autograd.grad(scores.sum(), acts)
+            a, s = acts.detach().double(), scores.detach().double()
+            g = grads.detach().double()[:, None]  # (N, 1, C, h, w)
+
+            def tail(i: int, batch: torch.Tensor) -> torch.Tensor:
+                swap["acts"] = batch.to(acts.dtype)
+                try:
+                    with torch.no_grad():
+                        copies = x[i : i + 1].expand(batch.shape[0], *x.shape[1:])
+                        out: torch.Tensor = self.model(copies)
+                finally:
+                    del swap["acts"]
+                return out[:, class_ids[i] : class_ids[i] + 1]
+
+            drops = perturbation.ablation_drops(a, s[:, None], tail, batch_size=self.batch_size)
+        finally:
+            handle.remove()
+        d = drops[:, :, 0]  # (N, C)
+        totals = a.sum(dim=(-2, -1))  # (N, C)
+        out: dict[str, F32] = {}
+        for m in methods:
+            if m == "cam":
+                head = find_cam_head(self.model, a, logits.detach())
+                if head is None:
+                    raise UnsupportedMethodError(
+                        f"cam needs a global-average-pooling + linear head after {self.layer!r}"
+                    )
+                w = head.detach().double()[class_ids]  # (N, C)
+            elif m == "ablationcam":
+                form = options.get("ablationcam", {}).get("form", "score")
+                den = s[:, None].expand_as(d) if form == "score" else totals
+                w = torch.where(den.abs() < 1e-7, torch.zeros_like(d), d / den)
+            else:
+                w = gradient.CHANNEL_WEIGHTS[m][0](a, g)[:, 0]
+            out[m] = (w * totals).numpy().astype(np.float32)
+        return out, d.numpy().astype(np.float32)
 
 
 def _state_digest(model: nn.Module) -> str:

@@ -24,6 +24,7 @@ MEAN_METRICS: dict[str, str] = {
     "insertion_auc": "insertion_auc",
     "road": "road",
     "conservation_residual": "conservation_residual",
+    "sensitivity_residual": "sensitivity_residual",
     "contrastivity": "contrastivity",
     "rank_correlation": "rank_correlation",
 }

@@ -119,3 +119,30 @@ def test_002_on_efficientnet_lite0(photos_csv: Path, tmp_path: Path) -> None:
     alpha = s["methods"]["gradcampp"]["alpha"]
     assert alpha["alpha_median"] == pytest.approx(0.5, abs=0.01)
     assert alpha["alpha_near_half_share"] > 0.9
+
+
+@pytest.mark.slow
+def test_000_sensitivity_on_the_gap_model(zoo_store: Path, single: Dataset,
+                                          tmp_path: Path) -> None:
+    from camserve.audit.scorer import load_zoo_scorer
+
+    methods = ("cam", "gradcam", "xgradcam", "gradcam_pos", "ablationcam")
+    last = load_zoo_scorer(zoo_store, "resnet_gap")  # layer2, right before GAP + linear
+    s = _audit(last, single, tmp_path / "last", 8, methods=methods, metrics=("sensitivity",),
+               options={"ablationcam": {"form": "sum"}})["methods"]
+    sens = {m: s[m]["sensitivity_residual"] for m in methods}
+    assert all(v["count"] == 8 for v in sens.values())
+    # 000 sec. 3: on a GAP + linear head XGrad-CAM (and Grad-CAM, equal there) satisfy
+    # sensitivity exactly; sum-form Ablation-CAM does by construction.
+    for m in ("gradcam", "xgradcam", "ablationcam"):
+        assert sens[m]["value"] < 1e-5, m
+    # CAM's weights are Z = h*w times XGrad-CAM's: sensitivity only up to that scale.
+    assert sens["cam"]["value"] > 1.0
+    assert sens["gradcam_pos"]["value"] > 100 * sens["xgradcam"]["value"]
+    # Before the last layer the tail is not linear: neither is exact, XGrad-CAM is closer.
+    early = load_zoo_scorer(zoo_store, "resnet_gap", "layer1")
+    e = _audit(early, single, tmp_path / "early", 8, methods=("gradcam", "xgradcam"),
+               metrics=("sensitivity",))["methods"]
+    grad, xgrad = (e[m]["sensitivity_residual"]["value"] for m in ("gradcam", "xgradcam"))
+    assert grad > 1e-3 and xgrad > 1e-6
+    assert xgrad < grad

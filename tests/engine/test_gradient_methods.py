@@ -205,3 +205,18 @@ def test_functional_relu_model_reference_at_skip_connection() -> None:
     c = int(res.target_ids[0, 0])
     a, g, _ = ref_grad(model, "block1", x[:1], lambda o: o[0, c])
     close(res.map("gradcam")[0, 0], F.relu((g[0].mean(dim=(1, 2))[:, None, None] * a[0]).sum(0)))
+
+
+def test_channel_weights_give_the_maps_of_their_methods() -> None:
+    from camserve.engine.methods import gradient
+    from camserve.engine.methods._base import combine
+
+    gen = torch.Generator().manual_seed(1)
+    acts = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64).relu()
+    grads = torch.randn(2, 3, 5, 4, 4, generator=gen, dtype=torch.float64)
+    assert set(gradient.CHANNEL_WEIGHTS) <= set(GRADIENT)
+    for m, (weights, relu) in gradient.CHANNEL_WEIGHTS.items():
+        w = weights(acts, grads)
+        assert w.shape == (2, 3, 5), m
+        close(combine(acts, w, relu=relu), getattr(gradient, m)(acts, grads))
+    assert not gradient.CHANNEL_WEIGHTS["gradcam_norelu"][1]

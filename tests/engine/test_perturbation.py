@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from camserve.engine.methods.perturbation import (
     ablation_cam,
+    ablation_drops,
     occlusion,
     occlusion_grid,
     score_cam,
@@ -154,6 +155,24 @@ def test_ablation_sum_form_is_cam_on_gap_net() -> None:
     cam = torch.relu(torch.einsum("nkc,nchw->nkhw", weights, acts))
     z = acts.shape[2] * acts.shape[3]
     close(got * z, cam)
+
+
+@pytest.mark.parametrize("net_cls", [GapNet, DeepHeadNet])
+def test_ablation_drops_are_the_score_drops_of_zeroed_channels(net_cls: type[GapNet]) -> None:
+    net, _, acts, targets = make(net_cls)
+    scores = net.head(acts).gather(1, targets).detach()
+    got = ablation_drops(acts, scores, tail_of(net, targets), batch_size=4)
+    assert got.shape == (2, 6, 3) and got.dtype == DT
+    with torch.no_grad():
+        for i in range(2):
+            for k in range(6):
+                ablated = acts[i : i + 1].clone()
+                ablated[0, k] = 0.0
+                want = scores[i] - net.head(ablated)[0, targets[i]]
+                close(got[i, k], want)
+    if net_cls is GapNet:  # 000 sec. 3: on GAP + linear, S - S_k = W_ck mean(A^k)
+        weights = net.fc.weight.detach()[targets]  # (N, K, C)
+        close(got, (weights * acts.mean(dim=(2, 3))[:, None]).transpose(1, 2))
 
 
 def test_ablation_tail_sees_at_most_batch_size_copies() -> None:

@@ -8,6 +8,8 @@ network; the engine gets every gradient from one batched backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,7 @@ from camserve.engine._numerics import finite, safe_div
 from camserve.engine.methods._base import combine, combine_elementwise, work
 
 __all__ = [
+    "CHANNEL_WEIGHTS",
     "counterfactual",
     "gradcam",
     "gradcam_abs",
@@ -28,32 +31,81 @@ __all__ = [
 ]
 
 
+def gradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM's channel weights ``w_k^c = (1/Z) sum_ij g^k_ij`` ``(N, K, C)`` (002 eq. 1)."""
+    return work(grads).mean(dim=(-2, -1))
+
+
+def gradcam_pos_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM+'s channel weights ``w = (1/Z) sum_ij ReLU(g)`` ``(N, K, C)`` (002 eq. 3)."""
+    return work(grads).clamp(min=0).mean(dim=(-2, -1))
+
+
+def gradcam_abs_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Channel weights ``w = (1/Z) sum_ij |g|`` ``(N, K, C)`` (001 sec. 5.3.2)."""
+    return work(grads).abs().mean(dim=(-2, -1))
+
+
+def gradcam_gmp_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Channel weights ``w = max_ij g`` ``(N, K, C)`` (001 sec. 5.3.3)."""
+    return work(grads).amax(dim=(-2, -1))
+
+
+def counterfactual_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Channel weights ``w = -(1/Z) sum_ij g`` ``(N, K, C)`` (001 sec. 3)."""
+    return -work(grads).mean(dim=(-2, -1))
+
+
+def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """XGrad-CAM's channel weights ``w = sum_ij (A^k_ij / sum_ab A^k_ab) g^k_ij`` (004, 000 eq. 9).
+
+    ``(N, K, C)``; a channel whose activations sum to (nearly) zero gets weight 0.
+    """
+    a = work(acts)
+    norm = safe_div(a, a.sum(dim=(-2, -1), keepdim=True))  # (N, C, h, w)
+    return (norm[:, None] * work(grads)).sum(dim=(-2, -1))
+
+
+CHANNEL_WEIGHTS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], bool]] = {
+    "gradcam": (gradcam_weights, True),
+    "gradcam_pos": (gradcam_pos_weights, True),
+    "gradcam_norelu": (gradcam_weights, False),
+    "gradcam_abs": (gradcam_abs_weights, True),
+    "gradcam_gmp": (gradcam_gmp_weights, True),
+    "counterfactual": (counterfactual_weights, True),
+    "xgradcam": (xgradcam_weights, True),
+}
+"""Method id -> (its channel-weight function ``(acts, grads) -> (N, K, C)``, final ReLU):
+the gradient methods whose map is ``ReLU(sum_k w_k A^k)`` (or ``sum_k w_k A^k``) with
+weights from the layer's true gradients; each map function below is built from it."""
+
+
 def gradcam(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM: ``w_k^c = (1/Z) sum_ij g^k_ij``, ``L = ReLU(sum_k w_k A^k)`` (002 eq. 1-2).
 
     Also used with guided-ReLU or deconv-ReLU gradients (001 Table A2).
     """
-    return combine(acts, work(grads).mean(dim=(-2, -1)))
+    return combine(acts, gradcam_weights(acts, grads))
 
 
 def gradcam_pos(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM+: positive gradients only, ``w = (1/Z) sum_ij ReLU(g)`` (002 eq. 3)."""
-    return combine(acts, work(grads).clamp(min=0).mean(dim=(-2, -1)))
+    return combine(acts, gradcam_pos_weights(acts, grads))
 
 
 def gradcam_norelu(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM without the final ReLU (001 sec. 5.3.1, Table A2): signed maps."""
-    return combine(acts, work(grads).mean(dim=(-2, -1)), relu=False)
+    return combine(acts, gradcam_weights(acts, grads), relu=False)
 
 
 def gradcam_abs(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM with absolute gradients, ``w = (1/Z) sum_ij |g|`` (001 sec. 5.3.2)."""
-    return combine(acts, work(grads).abs().mean(dim=(-2, -1)))
+    return combine(acts, gradcam_abs_weights(acts, grads))
 
 
 def gradcam_gmp(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM with global max pooling of the gradients, ``w = max_ij g`` (001 sec. 5.3.3)."""
-    return combine(acts, work(grads).amax(dim=(-2, -1)))
+    return combine(acts, gradcam_gmp_weights(acts, grads))
 
 
 def counterfactual(acts: Tensor, grads: Tensor) -> Tensor:
@@ -61,7 +113,7 @@ def counterfactual(acts: Tensor, grads: Tensor) -> Tensor:
 
     Highlights regions whose removal would raise the confidence in the target.
     """
-    return combine(acts, -work(grads).mean(dim=(-2, -1)))
+    return combine(acts, counterfactual_weights(acts, grads))
 
 
 def xgradcam(acts: Tensor, grads: Tensor) -> Tensor:
@@ -69,10 +121,7 @@ def xgradcam(acts: Tensor, grads: Tensor) -> Tensor:
 
     A channel whose activations sum to (nearly) zero gets weight 0.
     """
-    a = work(acts)
-    norm = safe_div(a, a.sum(dim=(-2, -1), keepdim=True))  # (N, C, h, w)
-    weights = (norm[:, None] * work(grads)).sum(dim=(-2, -1))
-    return combine(acts, weights)
+    return combine(acts, xgradcam_weights(acts, grads))
 
 
 def layercam(acts: Tensor, grads: Tensor) -> Tensor:

@@ -28,7 +28,14 @@ from camserve.engine._numerics import finite
 from camserve.engine.methods._checks import check_4d, positive_int, work_dtype
 from camserve.errors import InvalidRequestError, UnknownNameError
 
-__all__ = ["ABLATION_FORMS", "ablation_cam", "occlusion", "occlusion_grid", "score_cam"]
+__all__ = [
+    "ABLATION_FORMS",
+    "ablation_cam",
+    "ablation_drops",
+    "occlusion",
+    "occlusion_grid",
+    "score_cam",
+]
 
 #: Valid values of ``ablation_cam(form=...)``.
 ABLATION_FORMS = ("score", "sum")
@@ -38,6 +45,67 @@ _EPS = 1e-7
 
 TailFn = Callable[[int, Tensor], Tensor]
 ScoreFn = Callable[[int, Tensor], Tensor]
+
+
+def ablation_drops(
+    activations: Tensor,
+    scores: Tensor,
+    tail: TailFn,
+    *,
+    batch_size: int = 64,
+) -> Tensor:
+    """Score drops ``S - S_k`` when each feature map ``A^k`` is zeroed (Ablation-CAM's numerator).
+
+    ``S_k`` is the target score with channel ``k`` of the layer set to zero
+    and only the part of the network after the layer re-run (``tail``); these
+    are also the drops of the sensitivity axiom (004 eq. 5, 000 sec. 3). The
+    ``C`` ablated copies of an image go through ``tail`` in chunks of
+    ``batch_size``.
+
+    Args:
+        activations: ``(N, C, h, w)`` activations of the layer.
+        scores: ``(N, K)`` the unablated target scores ``S``.
+        tail: ``tail(i, acts)`` with ``acts`` of shape ``(B, C, h, w)`` returns
+            ``(B, K)``: image ``i``'s K target scores when the layer's output is
+            replaced by ``acts``.
+        batch_size: ablated copies per ``tail`` call.
+
+    Returns:
+        ``(N, C, K)`` drops (float32, or float64 for float64 activations).
+
+    Raises:
+        InvalidRequestError: bad shapes, a ``tail`` output of the wrong shape,
+            or a non-finite score.
+    """
+    check_4d("activations", activations)
+    n, c = activations.shape[:2]
+    k = _check_scores("scores", scores, n)
+    bs = positive_int("batch_size", batch_size)
+    dtype = work_dtype(activations)
+    with torch.no_grad():
+        acts = activations.detach()
+        s = scores.detach().to(device=acts.device, dtype=dtype)
+        out = torch.zeros((n, c, k), dtype=dtype, device=acts.device)
+        rows = torch.arange(min(bs, c), device=acts.device)
+        for i in range(n):
+            ablated = torch.empty((c, k), dtype=dtype, device=acts.device)
+            # One buffer of copies per image; each chunk zeroes its own diagonal
+            # and restores it afterwards, so a chunk writes (B, h, w) values,
+            # not (B, C, h, w) (a fresh copy per chunk dominated the run time).
+            buffer = acts[i].unsqueeze(0).repeat(min(bs, c), 1, 1, 1)
+            for c0 in range(0, c, bs):
+                b = min(bs, c - c0)
+                batch = buffer[:b]
+                diag = (rows[:b], rows[:b] + c0)
+                batch[diag] = 0
+                version = buffer._version
+                ablated[c0 : c0 + b] = _check_output("tail", tail(i, batch), b, k).to(dtype)
+                if buffer._version != version:  # the tail wrote into its input (in-place ops)
+                    buffer = acts[i].unsqueeze(0).repeat(min(bs, c), 1, 1, 1)
+                else:
+                    batch[diag] = acts[i, c0 : c0 + b]
+            out[i] = s[i].unsqueeze(0) - ablated
+    return finite(out)
 
 
 def ablation_cam(
@@ -78,40 +146,22 @@ def ablation_cam(
         ``(N, K, h, w)`` maps (float32, or float64 for float64 activations).
     """
     check_4d("activations", activations)
-    n, c, h, w = activations.shape
-    k = _check_scores("scores", scores, n)
+    n, _, h, w = activations.shape
     if form not in ABLATION_FORMS:
         raise UnknownNameError("form", form, ABLATION_FORMS)
-    bs = positive_int("batch_size", batch_size)
-    dtype = work_dtype(activations)
+    drops = ablation_drops(activations, scores, tail, batch_size=batch_size)  # (N, C, K)
     with torch.no_grad():
         acts = activations.detach()
+        dtype = drops.dtype
         s = scores.detach().to(device=acts.device, dtype=dtype)
-        out = torch.zeros((n, k, h, w), dtype=dtype, device=acts.device)
-        rows = torch.arange(min(bs, c), device=acts.device)
+        out = torch.zeros((n, drops.shape[2], h, w), dtype=dtype, device=acts.device)
         for i in range(n):
-            ablated = torch.empty((c, k), dtype=dtype, device=acts.device)
-            # One buffer of copies per image; each chunk zeroes its own diagonal
-            # and restores it afterwards, so a chunk writes (B, h, w) values,
-            # not (B, C, h, w) (a fresh copy per chunk dominated the run time).
-            buffer = acts[i].unsqueeze(0).repeat(min(bs, c), 1, 1, 1)
-            for c0 in range(0, c, bs):
-                b = min(bs, c - c0)
-                batch = buffer[:b]
-                diag = (rows[:b], rows[:b] + c0)
-                batch[diag] = 0
-                version = buffer._version
-                ablated[c0 : c0 + b] = _check_output("tail", tail(i, batch), b, k).to(dtype)
-                if buffer._version != version:  # the tail wrote into its input (in-place ops)
-                    buffer = acts[i].unsqueeze(0).repeat(min(bs, c), 1, 1, 1)
-                else:
-                    batch[diag] = acts[i, c0 : c0 + b]
             a = acts[i].to(dtype)
-            drop = s[i].unsqueeze(0) - ablated  # (C, K)
+            drop = drops[i]  # (C, K)
             if form == "score":
-                den = s[i].unsqueeze(0).expand(c, k)
+                den = s[i].unsqueeze(0).expand_as(drop)
             else:
-                den = a.sum(dim=(1, 2)).unsqueeze(1).expand(c, k)
+                den = a.sum(dim=(1, 2)).unsqueeze(1).expand_as(drop)
             weights = _safe_div(drop, den)
             out[i] = torch.relu(torch.einsum("ck,chw->khw", weights, a))
     return finite(out)
