@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from camserve.models import ModelSpec, SpecError, load_model, read_spec
+from camserve.export.zoo import export_zoo_specs
+from camserve.models import ModelSpec, SpecError, load_model, read_spec, resolve
+from camserve.service import ExplainRequest, ExplainResult, ExplainService
 from tests.export.conftest import Exported
 
 
@@ -51,3 +54,23 @@ def test_a_file_that_is_no_camserve_export_is_refused(
     with pytest.raises(SpecError, match="onnxruntime cannot load it") as info:
         load_model(replace(onnx_spec, onnx=junk))
     assert info.value.field == "onnx"
+
+
+@pytest.mark.slow
+def test_zoo_specs_with_runtime_onnx_serve(zoo_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    for f in zoo_store.iterdir():
+        if f.suffix in (".json", ".toml", ".pt"):
+            shutil.copy2(f, store / f.name)
+    (store / "datasets").symlink_to(zoo_store / "datasets")
+    written = export_zoo_specs(store)
+    assert sorted(written) == ["resnet_gap", "vgg_fc"]
+    image = (zoo_store / "examples" / "scene_0.png").read_bytes()
+    for name in written:
+        spec = resolve(f"{name}_onnx", store)
+        assert (spec.runtime, spec.onnx) == ("onnx", store / f"{name}.onnx")
+        service = ExplainService.from_specs([spec], device="cpu")
+        assert service.describe(spec.name).runtime == "onnx"
+        (out,) = service.run([ExplainRequest(model=spec.name, image=image, top_k=2)])
+        assert isinstance(out, ExplainResult) and len(out.targets) == 2
