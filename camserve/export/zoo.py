@@ -8,6 +8,7 @@ for VQA, their questions). The captioner stays on the torch engine (see
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,18 @@ from torch import Tensor
 
 from camserve.errors import InvalidRequestError
 from camserve.export.exporter import ExportReport, export_onnx
+from camserve.models import read_spec, write_spec
 from camserve.zoo.store import ModelEntry, load, read_manifest
 from camserve.zoo.text import Vocab
 
-__all__ = ["QUESTION_LENGTH", "TORCH_ONLY", "export_zoo", "load_images", "zoo_example"]
+__all__ = [
+    "QUESTION_LENGTH",
+    "TORCH_ONLY",
+    "export_zoo",
+    "export_zoo_specs",
+    "load_images",
+    "zoo_example",
+]
 
 QUESTION_LENGTH = 16
 """Question tokens per image in the exported VQA graph (right-padded with ``<pad>``)."""
@@ -127,3 +136,31 @@ def export_zoo(
             metadata=meta,
         )
     return reports
+
+
+def export_zoo_specs(store: str | Path) -> dict[str, Path]:
+    """Exports the store's classifiers and writes a spec with ``runtime = "onnx"`` for each.
+
+    ``<store>/<name>.onnx`` and ``<store>/<name>_onnx.toml`` (the model's spec,
+    named ``<name>_onnx``, with the ONNX file): ``camserve serve --model
+    <name>_onnx`` or ``ExplainService.from_specs`` serves it with onnxruntime
+    at its layer and the torch engine for the other methods and layers.
+
+    Returns:
+        model name -> the spec file written.
+
+    Raises:
+        ExportError: a model that should export and does not.
+        SpecError: the store's spec of a model is wrong.
+    """
+    root = Path(store)
+    _, entries = read_manifest(root)
+    names = [n for n, e in entries.items() if e.kind == "classifier" and e.arch not in TORCH_ONLY]
+    written: dict[str, Path] = {}
+    for name, report in export_zoo(root, names).items():
+        if not isinstance(report, ExportReport):
+            continue
+        spec = read_spec(root / f"{name}.toml")
+        onnx_spec = replace(spec, name=f"{name}_onnx", runtime="onnx", onnx=report.path)
+        written[name] = write_spec(onnx_spec, root / f"{name}_onnx.toml")
+    return written

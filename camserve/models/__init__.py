@@ -13,16 +13,30 @@ from camserve.models.files import (
     spec_from_dict,
     write_spec,
 )
-from camserve.models.loading import BUILTIN_SPECS, LoadedModel, load_model, resolve, word_tokenizer
+from camserve.models.loading import (
+    BUILTIN_SPECS,
+    RUNTIMES,
+    ExplainerFactory,
+    LayerExplainer,
+    LoadedModel,
+    RuntimeBinding,
+    load_model,
+    resolve,
+    word_tokenizer,
+)
 from camserve.models.spec import ModelKind, ModelSpec, Runtime, SpecLayout, layout_text
 
 __all__ = [
     "BUILTIN_SPECS",
+    "RUNTIMES",
     "SPEC_FILE",
+    "ExplainerFactory",
+    "LayerExplainer",
     "LoadedModel",
     "ModelKind",
     "ModelSpec",
     "Runtime",
+    "RuntimeBinding",
     "SpecError",
     "SpecLayout",
     "bundle",

@@ -10,14 +10,18 @@ the field and the value.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from camserve.engine import Explainer, Explanation
+from camserve.engine.targets import Targets
 from camserve.errors import InvalidRequestError, UnknownNameError
 from camserve.models.files import SpecError, read_spec
 from camserve.models.spec import ModelSpec
@@ -26,8 +30,12 @@ __all__ = [
     "BUILTIN_SPECS",
     "EOS",
     "PAD",
+    "RUNTIMES",
     "UNK",
+    "ExplainerFactory",
+    "LayerExplainer",
     "LoadedModel",
+    "RuntimeBinding",
     "load_model",
     "resolve",
     "word_tokenizer",
@@ -38,6 +46,64 @@ BUILTIN_SPECS = {"efficientnet_lite0": "camserve.models.efficientnet:efficientne
 
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 _WORD = re.compile(r"[a-z0-9]+")
+
+log = logging.getLogger(__name__)
+
+
+class LayerExplainer(Protocol):
+    """What serves explanations at one layer: the torch engine's
+    :class:`~camserve.engine.Explainer`, or another runtime with its ``explain``.
+
+    Attributes:
+        layers: the explained layers (module paths).
+        device: where the result tensors live.
+    """
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The explained layers (module paths)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the result tensors live."""
+
+    def explain(
+        self,
+        inputs: Tensor | Sequence[Tensor],
+        methods: str | Sequence[str] = ("gradcam",),
+        targets: Targets = 1,
+        score: str = "logit",
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Explanation:
+        """Predictions and maps, as :meth:`camserve.engine.Explainer.explain`."""
+
+
+ExplainerFactory = Callable[[Explainer], LayerExplainer]
+"""Turns the torch engine's explainer of a layer into the one that serves the layer."""
+
+RUNTIMES = {"onnx": "camserve.export.serving:onnx_runtime"}
+"""Runtime name (besides ``torch``) -> its plug-in ``module:function``, called with
+``(spec, device)`` and returning a :class:`RuntimeBinding`. Imported on first
+use, as a spec's factory is: the runtime's packages are an optional extra
+(``camserve[onnx]``), and the runtime builds on this package, not the reverse.
+"""
+
+
+@dataclass(frozen=True)
+class RuntimeBinding:
+    """How a runtime other than torch serves a model.
+
+    Attributes:
+        runtime: its name (``onnx``).
+        device: where it computes.
+        provider: its execution provider (onnxruntime's), if any.
+        explainer_factory: see :attr:`LoadedModel.explainer_factory`.
+    """
+
+    runtime: str
+    device: torch.device
+    provider: str | None
+    explainer_factory: ExplainerFactory
 
 
 @dataclass(frozen=True)
@@ -52,6 +118,15 @@ class LoadedModel:
         eos_id: captioners: the id of ``<eos>``.
         pad_id: the id of ``<pad>`` (0 when the vocabulary has none).
         tokenize: VQA: question text -> token ids.
+        runtime: ``torch``, or ``onnx`` (onnxruntime at the spec's layer).
+        runtime_device: where the runtime computes (onnxruntime: its
+            provider's device; torch: ``device``).
+        provider: the onnxruntime execution provider (``CPUExecutionProvider``,
+            ``CUDAExecutionProvider``), None for torch.
+        explainer_factory: turns the torch engine's explainer of a layer into
+            the one that serves it (runtime ``onnx``: a
+            :class:`~camserve.export.FallbackExplainer` at the graph's layer,
+            the torch engine at the others); None: the torch engine everywhere.
     """
 
     spec: ModelSpec
@@ -61,6 +136,10 @@ class LoadedModel:
     eos_id: int | None = None
     pad_id: int = 0
     tokenize: Callable[[str], list[int]] | None = None
+    runtime: str = "torch"
+    runtime_device: torch.device | None = None
+    provider: str | None = None
+    explainer_factory: ExplainerFactory | None = None
 
 
 def word_tokenizer(vocab: tuple[str, ...]) -> Callable[[str], list[int]]:
@@ -164,15 +243,75 @@ def _load_program(spec: ModelSpec) -> nn.Module:
 def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> LoadedModel:
     """Builds, loads and checks the model of ``spec`` (eval mode, on ``device``).
 
+    Runtime ``onnx``: the torch model is loaded too (it answers what the graph
+    cannot), and the ONNX file opens in an onnxruntime session (CPU, or CUDA
+    for a CUDA ``device`` when onnxruntime-gpu is installed) whose explainer the
+    returned :attr:`LoadedModel.explainer_factory` serves at the spec's layer.
+    A log line names the runtime serving the model.
+
     Raises:
         SpecError: a factory that cannot be imported or called, weights that do
             not fit (the missing / unexpected keys are named), an unknown layer,
             a captioner without ``generate`` or ``<eos>``, a VQA model without a
-            vocabulary.
+            vocabulary; runtime ``onnx``: a missing file, a file that is not a
+            camserve export, a graph of another layer than the spec's.
     """
     dev = torch.device(device if device is not None else "cpu")
-    if spec.runtime != "torch":
-        raise SpecError("runtime", spec.runtime, "this loader runs torch models", spec.origin)
+    loaded = _load_torch(spec, dev)
+    if spec.runtime == "torch":
+        log.info("model %s: torch engine on %s", spec.name, dev)
+        return loaded
+    binding = _runtime(spec, dev)
+    log.info(
+        "model %s: %s (%s, %s) at layer %s, the torch engine on %s for other "
+        "methods and layers",
+        spec.name,
+        binding.runtime,
+        binding.provider,
+        binding.device,
+        spec.layer,
+        dev,
+    )
+    return replace(
+        loaded,
+        runtime=binding.runtime,
+        runtime_device=binding.device,
+        provider=binding.provider,
+        explainer_factory=binding.explainer_factory,
+    )
+
+
+def _runtime(spec: ModelSpec, dev: torch.device) -> RuntimeBinding:
+    """The binding of a non-torch runtime, from its plug-in in :data:`RUNTIMES`."""
+    target = RUNTIMES.get(spec.runtime)
+    if target is None:
+        raise SpecError("runtime", spec.runtime, f"valid runtimes: torch, {', '.join(RUNTIMES)}")
+    module_name, _, func_name = target.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except ImportError as exc:
+        raise SpecError(
+            "runtime",
+            spec.runtime,
+            f"needs the {spec.runtime} extra (pip install 'camserve[{spec.runtime}]'): {exc}",
+            spec.origin,
+        ) from exc
+    binding = func(spec, dev)
+    if not isinstance(binding, RuntimeBinding):
+        raise SpecError("runtime", spec.runtime, f"{target} gave no RuntimeBinding", spec.origin)
+    return binding
+
+
+def _load_torch(spec: ModelSpec, dev: torch.device) -> LoadedModel:
+    """The torch model of ``spec`` (a factory or a program)."""
+    if spec.factory is None and spec.program is None:
+        raise SpecError(
+            "factory",
+            None,
+            f"runtime {spec.runtime!r} needs the torch model too (a factory or a program): "
+            "it answers what the ONNX graph cannot",
+            spec.origin,
+        )
     model = _call_factory(spec) if spec.factory is not None else _load_program(spec)
     layers = {name for name, _ in model.named_modules() if name}
     if spec.layer not in layers:

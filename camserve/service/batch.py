@@ -370,9 +370,8 @@ class ModelBatch:
                 outcomes.append(ExplainError(req.request_id, req.model, err))
                 statuses.append((type(err).__name__, latency))
         batch_timings_total = {**batch_timings, "total": total}
-        record_batch(
-            metrics, self.task.name, batch_timings_total, statuses, device=str(self.task.device)
-        )
+        device = str(self.task.runtime_device)
+        record_batch(metrics, self.task.name, batch_timings_total, statuses, device=device)
         return outcomes
 
 

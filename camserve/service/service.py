@@ -35,7 +35,7 @@ from camserve.service.metrics import MetricsSink, NullMetrics
 from camserve.service.outcomes import ExplainError, ModelKind, Outcome
 from camserve.service.request import ExplainRequest
 from camserve.service.settings import Settings
-from camserve.service.tasks import ClassifierTask, Task
+from camserve.service.tasks import ClassifierTask, Task, TaskBase
 from camserve.service.text_tasks import CaptionTask, VQATask
 
 __all__ = ["ExplainService", "MethodDescription", "ModelDescription", "task_for"]
@@ -97,8 +97,18 @@ class ModelDescription:
 
 
 def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
-    """The service task of a loaded model (classifier, captioner or VQA)."""
-    settings = settings or Settings()
+    """The service task of a loaded model (classifier, captioner or VQA).
+
+    A model with another runtime than torch (``onnx``) is served through its
+    :attr:`~camserve.models.LoadedModel.explainer_factory`.
+    """
+    task = _task_of(loaded, settings or Settings())
+    if loaded.runtime != "torch" and isinstance(task, TaskBase):
+        task.serve_with(loaded.runtime, loaded.explainer_factory)
+    return task
+
+
+def _task_of(loaded: LoadedModel, settings: Settings) -> Task:
     spec = loaded.spec
     _, h, w = spec.input_size
     transform = InputTransform(size=(h, w), mean=spec.mean, std=spec.std)
@@ -261,8 +271,8 @@ class ExplainService:
             input_size=(3, h, w),
             mean=task.transform.mean,
             std=task.transform.std,
-            runtime=spec.runtime if spec is not None else "torch",
-            device=str(task.device),
+            runtime=task.runtime,
+            device=str(task.runtime_device),
             layout=_layout_of(task),
         )
 

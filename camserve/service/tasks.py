@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from camserve.engine import Explainer, Explanation
 from camserve.engine.layout import Layout
 from camserve.errors import InvalidRequestError, UnknownNameError
+from camserve.models import ExplainerFactory, LayerExplainer
 from camserve.service.images import InputTransform
 from camserve.service.outcomes import ModelKind, Prediction, TargetResult
 from camserve.service.request import ExplainRequest
@@ -98,8 +99,16 @@ class Task(Protocol):
     def device(self) -> torch.device:
         """Where the model runs."""
 
-    def explainer(self, layer: str) -> Explainer:
-        """The engine :class:`~camserve.engine.Explainer` for this layer (cached)."""
+    @property
+    def runtime(self) -> str:
+        """``torch``, or ``onnx`` (onnxruntime at the default layer)."""
+
+    @property
+    def runtime_device(self) -> torch.device:
+        """Where the runtime serving the default layer computes (its ``device``)."""
+
+    def explainer(self, layer: str) -> LayerExplainer:
+        """The explainer for this layer (cached): the engine's, or the model's runtime's."""
 
     def layers(self) -> list[str]:
         """The layers that can be explained (``named_modules()`` paths)."""
@@ -133,6 +142,9 @@ class ExplainerCache:
             ``"channels_last"``, a :class:`~camserve.engine.layout.TokenGrid`;
             see :mod:`camserve.engine.layout`).
         name: the served model's name (the engine's errors name it).
+        explainer_factory: turns the engine's explainer of a layer into the one
+            that serves it (see :attr:`camserve.models.LoadedModel.explainer_factory`);
+            None: the engine's.
     """
 
     def __init__(
@@ -142,21 +154,23 @@ class ExplainerCache:
         *,
         layout: Layout = "auto",
         name: str | None = None,
+        explainer_factory: ExplainerFactory | None = None,
     ) -> None:
         self.model = model
         self.layout = layout
         self.name = name
+        self.explainer_factory = explainer_factory
         if device is None:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.dtype = input_dtype(model)
-        self._explainers: dict[str, Explainer] = {}
+        self._explainers: dict[str, LayerExplainer] = {}
         self.layers = sorted(name for name, _ in model.named_modules() if name)
         self._known = frozenset(self.layers)
         self._lock = threading.Lock()
 
-    def get(self, layer: str) -> Explainer:
+    def get(self, layer: str) -> LayerExplainer:
         """The explainer for ``layer`` (a module path as in ``named_modules()``).
 
         Raises:
@@ -167,9 +181,10 @@ class ExplainerCache:
             if ex is None:
                 if layer not in self._known:
                     raise UnknownNameError("layer", layer, self._known)
-                ex = Explainer(
+                engine = Explainer(
                     self.model, layer, device=self.device, layout=self.layout, name=self.name
                 )
+                ex = engine if self.explainer_factory is None else self.explainer_factory(engine)
                 self._explainers[layer] = ex
             return ex
 
@@ -225,7 +240,9 @@ class TaskBase:
 
     name: str
     model: nn.Module
+    default_layer: str
     _cache: ExplainerCache
+    _runtime: str = "torch"
 
     @property
     def device(self) -> torch.device:
@@ -237,7 +254,24 @@ class TaskBase:
         """The dtype of the model's image input (see :func:`input_dtype`)."""
         return self._cache.dtype
 
-    def explainer(self, layer: str) -> Explainer:
+    @property
+    def runtime(self) -> str:
+        """``torch``, or ``onnx`` (onnxruntime at the default layer)."""
+        return self._runtime
+
+    @property
+    def runtime_device(self) -> torch.device:
+        """The ``device`` of the default layer's explainer (onnxruntime's, or the engine's)."""
+        if self._runtime == "torch":
+            return self.device
+        return self._cache.get(self.default_layer).device
+
+    def serve_with(self, runtime: str, explainer_factory: ExplainerFactory | None) -> None:
+        """Serves the layers through ``explainer_factory`` (a model's runtime, e.g. onnx)."""
+        self._runtime = runtime
+        self._cache.explainer_factory = explainer_factory
+
+    def explainer(self, layer: str) -> LayerExplainer:
         """The explainer for ``layer``."""
         return self._cache.get(layer)
 
