@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=.venv/bin/python
-"$PY" -m camserve.cli build-models
-"$PY" -m camserve.cli serve --background --model efficientnet_lite0 "$@"
+"$PY" -m camserve.cli build-models --onnx
+"$PY" -m camserve.cli serve --background --model efficientnet_lite0 --model resnet_gap_onnx "$@"
 trap '"$PY" -m camserve.cli stop' EXIT
 keys=(); [ -f var/torchserve/key_file.json ] && keys=(--torchserve-key-file var/torchserve/key_file.json)
 "$PY" -m camserve.cli gateway --backend torchserve ${keys[@]+"${keys[@]}"}
