@@ -1,4 +1,4 @@
-"""Render: scipy boxes equal the engine's, matplotlib colours, overlays, box scaling."""
+"""Render: scipy boxes equal the slow reference's, matplotlib colours, overlays, box scaling."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from matplotlib import colormaps
 from PIL import Image
 
-from camserve.engine.maps import localization_box as engine_box
 from camserve.errors import InvalidRequestError
 from camserve.render import colorize, localization_box, overlay, overlay_png, scale_box
+from tests.test_boxes import reference_box
 
 
 @settings(max_examples=60, deadline=None)
@@ -24,10 +24,10 @@ from camserve.render import colorize, localization_box, overlay, overlay_png, sc
     st.integers(0, 2**31 - 1),
     st.sampled_from([0.0, 0.15, 0.5, 0.9, 1.0]),
 )
-def test_boxes_equal_the_engines(h: int, w: int, seed: int, threshold: float) -> None:
+def test_boxes_equal_the_references(h: int, w: int, seed: int, threshold: float) -> None:
     m = torch.from_numpy(np.random.default_rng(seed).standard_normal((h, w)).astype(np.float32))
-    assert localization_box(m, threshold) == engine_box(m, threshold)
-    assert localization_box(m.numpy(), threshold) == engine_box(m, threshold)
+    assert localization_box(m, threshold) == reference_box(m, threshold)
+    assert localization_box(m.numpy(), threshold) == reference_box(m, threshold)
 
 
 def test_box_of_the_largest_region_and_edge_cases() -> None:

@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 from scipy.stats import spearmanr
 
 from camserve.errors import InvalidRequestError
+from camserve.render import localization_box
 
 __all__ = [
     "Box",
@@ -92,7 +93,8 @@ def weak_localization_box(map2d: Any, threshold: float = 0.15) -> Box:
     The map is binarised at 15% of its maximum (003, after 001 sec. 4.1), its
     4-connected components labelled with :func:`scipy.ndimage.label`, and the
     bounding box of the largest one (by pixel count; ties to the lowest label,
-    the region met first in row-major order) returned.
+    the region met first in row-major order) returned: the service's box,
+    :func:`camserve.render.localization_box`, on a map checked to be finite.
 
     Args:
         map2d: ``(H, W)`` map, usually min-max normalised and upsampled to the image.
@@ -106,18 +108,8 @@ def weak_localization_box(map2d: Any, threshold: float = 0.15) -> Box:
         InvalidRequestError: a map that is not 2-D or not finite, a threshold
             outside ``[0, 1]``.
     """
-    m = _np(map2d, "map2d", 2)
-    if not 0.0 <= threshold <= 1.0:
-        raise InvalidRequestError(f"threshold must be in [0, 1], got {threshold}")
-    h, w = m.shape
-    top = float(m.max()) if m.size else 0.0
-    if top <= 0.0:
-        return (0, 0, w - 1, h - 1)
-    labels, count = ndi.label(m >= threshold * top)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    best = int(np.argmax(sizes)) + 1
-    rows, cols = ndi.find_objects(labels)[best - 1]
-    return (int(cols.start), int(rows.start), int(cols.stop) - 1, int(rows.stop) - 1)
+    m = _np(map2d, "map2d", 2)  # refuses a non-finite map, which render would zero
+    return localization_box(m, threshold)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:

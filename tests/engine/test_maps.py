@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from camserve.engine import Explainer
-from camserve.engine.maps import localization_box, normalize, upsample
+from camserve.engine.maps import normalize, upsample
 from camserve.errors import InvalidRequestError, UnknownNameError
 from tests.engine._nets import vgg_net
 
@@ -22,17 +22,6 @@ def test_normalize_and_upsample() -> None:
     assert torch.allclose(up, ref)
     with pytest.raises(InvalidRequestError):
         upsample(n, (0, 4))
-
-
-def test_localization_box_takes_the_largest_component() -> None:
-    m = torch.zeros(20, 30)
-    m[2:5, 3:6] = 1.0  # small blob, the maximum
-    m[10:18, 12:25] = 0.5  # larger blob above 15%
-    m[0, 29] = 0.1  # under the threshold
-    assert localization_box(m) == (12, 10, 24, 17)
-    assert localization_box(m, threshold=0.9) == (3, 2, 5, 4)
-    assert localization_box(torch.zeros(5, 6)) == (0, 0, 5, 4)
-
 
 def test_explanation_accessors() -> None:
     res = Explainer(vgg_net(), "features.3").explain(

@@ -20,7 +20,6 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from camserve.engine import Explainer
-from camserve.engine.maps import localization_box
 from camserve.models.efficientnet import (
     DEFAULT_LAYER,
     EfficientNetLite0,
@@ -30,6 +29,7 @@ from camserve.models.efficientnet import (
     weights_path,
 )
 from camserve.models.spec import ModelSpec
+from camserve.render import localization_box
 
 # Object boxes (x0, y0, x1, y1), inclusive pixels of the original photo, read off the photos.
 PHOTOS: dict[str, tuple[str, tuple[int, int, int, int]]] = {

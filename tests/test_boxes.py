@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from camserve.engine.maps import localization_box
 from camserve.errors import InvalidRequestError
+from camserve.render import localization_box
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def components(mask: torch.Tensor) -> torch.Tensor:
         labels = new
 
 
-def engine_box(m: torch.Tensor, threshold: float = 0.15) -> tuple[int, int, int, int]:
+def reference_box(m: torch.Tensor, threshold: float = 0.15) -> tuple[int, int, int, int]:
     """The slow reference: largest component (ties: smallest first pixel), its bounding box."""
     h, w = m.shape
     top = float(m.max())
@@ -60,20 +60,30 @@ def test_same_box_as_the_reference(seed: int) -> None:
         else torch.rand(h, w, generator=torch.Generator().manual_seed(seed))
     )
     for threshold in (0.0, 0.15, 0.5, 0.9, 1.0):
-        assert localization_box(m, threshold) == engine_box(m, threshold), (seed, threshold)
+        assert localization_box(m, threshold) == reference_box(m, threshold), (seed, threshold)
 
 
 def test_ties_snakes_and_degenerate_maps() -> None:
     two = torch.zeros(8, 8)
     two[0:2, 5:7] = 1.0  # same size, first pixel earlier in row-major order
     two[5:7, 0:2] = 1.0
-    assert localization_box(two) == engine_box(two) == (5, 0, 6, 1)
+    assert localization_box(two) == reference_box(two) == (5, 0, 6, 1)
     snake = torch.zeros(9, 9)
     snake[0, :] = snake[:, 8] = snake[8, :] = snake[2:, 0] = snake[2, :7] = 1.0
-    assert localization_box(snake) == engine_box(snake)
+    assert localization_box(snake) == reference_box(snake)
     assert localization_box(torch.zeros(4, 5)) == (0, 0, 4, 3)
-    assert localization_box(torch.full((3, 3), -1.0)) == engine_box(torch.full((3, 3), -1.0))
+    assert localization_box(torch.full((3, 3), -1.0)) == reference_box(torch.full((3, 3), -1.0))
     with pytest.raises(InvalidRequestError, match="must be"):
         localization_box(torch.zeros(2, 2, 2))
     with pytest.raises(InvalidRequestError, match="threshold"):
         localization_box(torch.zeros(2, 2), 1.5)
+
+
+def test_localization_box_takes_the_largest_component() -> None:
+    m = torch.zeros(20, 30)
+    m[2:5, 3:6] = 1.0  # small blob, the maximum
+    m[10:18, 12:25] = 0.5  # larger blob above 15%
+    m[0, 29] = 0.1  # under the threshold
+    assert localization_box(m) == (12, 10, 24, 17)
+    assert localization_box(m, threshold=0.9) == (3, 2, 5, 4)
+    assert localization_box(torch.zeros(5, 6)) == (0, 0, 5, 4)
