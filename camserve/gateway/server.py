@@ -231,13 +231,15 @@ def serve(
 
     async def main() -> None:
         gateway = Gateway(backend, settings, registry)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # The handlers go in before ``ready`` announces the gateway, so a signal sent
+        # as soon as "Ctrl-C stops it" is read still takes the graceful path.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await gateway.start()
         if ready is not None:
             ready(gateway)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping the gateway (grace %.1f s)", settings.grace_s)
         await gateway.stop()

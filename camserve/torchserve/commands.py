@@ -119,6 +119,22 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
         print(f"[camserve] TorchServe did not start: {exc or 'interrupted'}", file=sys.stderr)
         return 1
+    try:
+        with stop_signals():
+            _print_ready(server)
+    except KeyboardInterrupt:
+        server.stop()
+        print("[camserve] stopped")
+        return 0
+    if args.background:
+        print(f"[camserve] in the background; stop: camserve stop --run-dir {server.run_dir}")
+        return 0
+    code = server.serve_forever(ready=lambda: print("[camserve] Ctrl-C stops it", flush=True))
+    print("[camserve] stopped")
+    return code
+
+
+def _print_ready(server: TorchServe) -> None:
     print("[camserve] ready:")
     for key, value in server.describe().items():
         print(f"  {key:22s} {value}")
@@ -126,13 +142,6 @@ def _serve(args: argparse.Namespace) -> int:
     example = _example_model(server.models, server.config.model_store)
     print("[camserve] try (any PNG/JPEG; model_store/examples/ has some):")
     print("  " + server.curl_example(example, _example_image(server.config.model_store)))
-    if args.background:
-        print(f"[camserve] in the background; stop: camserve stop --run-dir {server.run_dir}")
-        return 0
-    print("[camserve] Ctrl-C stops it")
-    code = server.serve_forever()
-    print("[camserve] stopped")
-    return code
 
 
 def _example_model(models: list[str], store: Path) -> str:

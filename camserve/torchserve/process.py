@@ -25,7 +25,7 @@ import site
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -328,8 +328,13 @@ class TorchServe:
         launcher = self._launcher()
         return None if launcher is None else launcher.pid
 
-    def serve_forever(self) -> int:
-        """Waits for TorchServe to exit; SIGINT/SIGTERM stop it cleanly. Returns its exit code."""
+    def serve_forever(self, ready: Callable[[], None] | None = None) -> int:
+        """Waits for TorchServe to exit; SIGINT/SIGTERM stop it cleanly. Returns its exit code.
+
+        Args:
+            ready: called once the signal handlers are in place (the CLI prints
+                "Ctrl-C stops it" there, so a signal right after that line is handled).
+        """
         stopping = False
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -338,6 +343,8 @@ class TorchServe:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if ready is not None:
+                ready()
             while not stopping and self.proc is not None and self.proc.poll() is None:
                 time.sleep(0.5)
             code = 0 if stopping or self.proc is None else int(self.proc.returncode or 0)

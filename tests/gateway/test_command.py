@@ -117,6 +117,51 @@ def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
             proc.stdout.close()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_right_after_the_ready_line_stops_the_gateway_gracefully(signum: int) -> None:
+    """The handlers are in place before "Ctrl-C stops it" is printed: no traceback, exit 0."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "camserve.cli",
+        "gateway",
+        "--model",
+        "resnet_gap",
+        "--model-store",
+        str(STORE),
+        "--port",
+        "0",
+        "--no-metrics",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + out
+        assert "Traceback" not in out, out
+        assert "gateway stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_gateway_command_refuses_a_public_address_without_a_token() -> None:
     proc = subprocess.run(
         [
