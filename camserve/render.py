@@ -21,8 +21,10 @@ from camserve.errors import InvalidRequestError
 
 __all__ = [
     "DEFAULT_COLORMAP",
+    "Box",
     "colorize",
     "localization_box",
+    "localization_boxes",
     "normalize",
     "overlay",
     "overlay_png",
@@ -52,6 +54,7 @@ def localization_box(map2d: torch.Tensor | np.ndarray, threshold: float = 0.15) 
     threshold 0.15, one shared CPU core; both gave identical boxes): 64 x 64 maps
     93 us with scipy vs 156 us with a hand-written run-length union-find;
     224 x 224 maps 0.6 ms vs 8.3 ms. So scipy it is, the one box of camserve.
+    Many maps at once: :func:`localization_boxes` (the same boxes).
 
     Args:
         map2d: ``(H, W)`` float map, usually normalised and upsampled.
@@ -67,18 +70,75 @@ def localization_box(map2d: torch.Tensor | np.ndarray, threshold: float = 0.15) 
     m = _array(map2d)
     if m.ndim != 2:
         raise InvalidRequestError(f"map2d must be (H, W), got shape {m.shape}")
-    if not 0.0 <= threshold <= 1.0:
-        raise InvalidRequestError(f"threshold must be in [0, 1], got {threshold}")
-    h, w = m.shape
+    return localization_boxes(m[None], [threshold])[0]
+
+
+def localization_boxes(
+    maps: torch.Tensor | np.ndarray, thresholds: Sequence[float] | float = 0.15
+) -> list[Box]:
+    """:func:`localization_box` of each of ``N`` maps, with one labelling pass for all.
+
+    The maps are labelled as one image, stacked with an empty row between them,
+    so each map's regions are those of :func:`localization_box`; scipy numbers
+    regions in scan order, so map ``i``'s regions are one contiguous range of
+    labels. Measured (``timeit``, 16 upsampled 8 x 8 maps at 64 x 64, one shared
+    CPU core): 0.83 ms for the 16 against 2.4 ms one by one.
+
+    Args:
+        maps: ``(N, H, W)`` float maps.
+        thresholds: one fraction of the map's maximum per map (or one for all),
+            each in [0, 1].
+
+    Returns:
+        ``N`` boxes ``(x0, y0, x1, y1)``, inclusive pixel coordinates.
+
+    Raises:
+        InvalidRequestError: maps that are not ``(N, H, W)``, a threshold outside
+            [0, 1], or a number of thresholds other than ``N``.
+    """
+    m = _array(maps)
+    if m.ndim != 3:
+        raise InvalidRequestError(f"maps must be (N, H, W), got shape {m.shape}")
+    n, h, w = m.shape
+    given = np.asarray(thresholds, dtype=np.float64)
+    if given.ndim and len(given) != n:
+        raise InvalidRequestError(f"{len(given)} thresholds for {n} maps")
+    thr = np.broadcast_to(given, (n,))
+    if not ((thr >= 0.0) & (thr <= 1.0)).all():
+        bad = thr[~((thr >= 0.0) & (thr <= 1.0))][0]
+        raise InvalidRequestError(f"threshold must be in [0, 1], got {bad}")
+    if n == 0:
+        return []
     m = np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
-    top = float(m.max()) if m.size else 0.0
-    if top <= 0.0:
-        return (0, 0, w - 1, h - 1)
-    labels, count = ndimage.label(m >= threshold * top)
+    top = m.reshape(n, -1).max(axis=1) if m.size else np.zeros(n)
+    whole: Box = (0, 0, w - 1, h - 1)
+    boxes: list[Box] = [whole] * n
+    live = np.flatnonzero(top > 0.0)
+    if not live.size:
+        return boxes
+    k = len(live)
+    # The maps stacked with one empty row between them: one 2-D labelling, and no
+    # region spans two maps (scipy's default structure is 4-connected).
+    mask = np.zeros((k, h + 1, w), dtype=bool)
+    mask[:, :h] = m[live] >= (thr[live] * top[live]).astype(m.dtype)[:, None, None]
+    labels, count = ndimage.label(mask.reshape(k * (h + 1), w))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    best = int(np.argmax(sizes[1:])) + 1  # the first of equal sizes: first in row-major order
-    rows, cols = ndimage.find_objects(labels)[best - 1]
-    return (int(cols.start), int(rows.start), int(cols.stop) - 1, int(rows.stop) - 1)
+    last = labels.reshape(k, -1).max(axis=1)  # each map's highest label
+    best = np.zeros(k, dtype=np.int64)
+    first = 1
+    for j in range(k):
+        # every live map has a region: its maximum passes its own threshold
+        best[j] = first + int(np.argmax(sizes[first : last[j] + 1]))  # first of equal sizes
+        first = int(last[j]) + 1
+    chosen = np.zeros(count + 1, dtype=bool)
+    chosen[best] = True
+    region = chosen[labels].reshape(k, h + 1, w)[:, :h]
+    rows, cols = region.any(axis=2), region.any(axis=1)
+    y0, x0 = rows.argmax(axis=1), cols.argmax(axis=1)
+    y1, x1 = h - 1 - rows[:, ::-1].argmax(axis=1), w - 1 - cols[:, ::-1].argmax(axis=1)
+    for j, i in enumerate(live):
+        boxes[i] = (int(x0[j]), int(y0[j]), int(x1[j]), int(y1[j]))
+    return boxes
 
 
 def scale_box(box: Sequence[int], input_size: tuple[int, int], image_size: tuple[int, int]) -> Box:

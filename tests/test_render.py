@@ -13,7 +13,14 @@ from matplotlib import colormaps
 from PIL import Image
 
 from camserve.errors import InvalidRequestError
-from camserve.render import colorize, localization_box, overlay, overlay_png, scale_box
+from camserve.render import (
+    colorize,
+    localization_box,
+    localization_boxes,
+    overlay,
+    overlay_png,
+    scale_box,
+)
 from tests.test_boxes import reference_box
 
 
@@ -28,6 +35,39 @@ def test_boxes_equal_the_references(h: int, w: int, seed: int, threshold: float)
     m = torch.from_numpy(np.random.default_rng(seed).standard_normal((h, w)).astype(np.float32))
     assert localization_box(m, threshold) == reference_box(m, threshold)
     assert localization_box(m.numpy(), threshold) == reference_box(m, threshold)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(2, 20),
+    st.integers(2, 20),
+    st.integers(0, 2**31 - 1),
+)
+def test_boxes_of_many_maps_at_once_equal_the_references_one_by_one(
+    n: int, h: int, w: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    maps = rng.standard_normal((n, h, w)).astype(np.float32)
+    maps[rng.random(n) < 0.3] = -1.0  # maps with no positive value: the whole map
+    maps = np.where(rng.random((n, h, w)) < 0.2, maps.round(), maps)  # ties of region sizes
+    thresholds = rng.choice([0.0, 0.15, 0.5, 0.9, 1.0], size=n).tolist()
+    got = localization_boxes(maps, thresholds)
+    want = [reference_box(torch.from_numpy(m), t) for m, t in zip(maps, thresholds, strict=True)]
+    assert got == want
+    assert localization_boxes(torch.from_numpy(maps), 0.15) == [
+        reference_box(torch.from_numpy(m), 0.15) for m in maps
+    ]
+
+
+def test_many_boxes_refuse_wrong_shapes_and_thresholds() -> None:
+    assert localization_boxes(np.zeros((0, 4, 4), np.float32)) == []
+    with pytest.raises(InvalidRequestError, match="must be"):
+        localization_boxes(np.zeros((4, 4), np.float32))
+    with pytest.raises(InvalidRequestError, match="2 thresholds for 3 maps"):
+        localization_boxes(np.zeros((3, 4, 4), np.float32), [0.1, 0.2])
+    with pytest.raises(InvalidRequestError, match="threshold"):
+        localization_boxes(np.zeros((2, 4, 4), np.float32), [0.1, -0.2])
 
 
 def test_box_of_the_largest_region_and_edge_cases() -> None:

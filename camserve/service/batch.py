@@ -33,7 +33,7 @@ from camserve.errors import (
     InvalidRequestError,
     ModelFailureError,
 )
-from camserve.render import localization_box, overlay_png, scale_box
+from camserve.render import Box, localization_boxes, overlay_png, scale_box
 from camserve.service.images import ImageLimits, decode_image
 from camserve.service.metrics import MetricsSink, record_batch
 from camserve.service.outcomes import ExplainError, ExplainResult, MapResult, Outcome
@@ -126,6 +126,11 @@ class ModelBatch:
         self.errors: dict[int, CamserveError] = {}
         self.finished: dict[int, float] = {}
         self.timings: dict[str, float] = {}
+        self._start = 0.0
+        self._requests: list[ExplainRequest] = []
+        self._groups: dict[Hashable, list[int]] = {}
+        self._items: dict[int, Item] = {}
+        self._started: dict[int, float] = {}
 
     # --- per request -----------------------------------------------------------
     def _admit(self, req: ExplainRequest, started: float) -> Item:
@@ -214,22 +219,35 @@ class ModelBatch:
             up = exp.upsampled(m, resolved[m])  # finite: the engine's maps never hold NaN/inf
             raws[m], upsampled[m] = _host(raw), _host(up)  # one host copy per method
         t0 = time.perf_counter()
+        described = [task.describe(exp, row, it) for row, it in enumerate(items)]
+        boxes: dict[tuple[int, int, str], Box] = {}
+        for m in methods:  # one labelling pass per method for every map that wants a box
+            keys = [
+                (row, target.column)
+                for row, it in enumerate(items)
+                if (it.request.boxes or it.request.output == "box") and m in it.request.methods
+                for target in described[row][1]
+            ]
+            if not keys:
+                continue
+            rows_, cols_ = zip(*keys, strict=True)
+            found = localization_boxes(
+                upsampled[m][list(rows_), list(cols_)],
+                [items[r].request.threshold for r in rows_],
+            )
+            for (row, col), found_box in zip(keys, found, strict=True):
+                it = items[row]
+                in_size = (int(it.x.shape[-2]), int(it.x.shape[-1]))
+                boxes[(row, col, m)] = scale_box(found_box, in_size, it.image_size)
         results: list[ExplainResult] = []
         for row, it in enumerate(items):
-            head, targets = task.describe(exp, row, it)
+            head, targets = described[row]
             req = it.request
-            in_size = (int(it.x.shape[-2]), int(it.x.shape[-1]))
-            want_box = req.boxes or req.output == "box"
             done = []
             for target in targets:
                 maps: dict[str, MapResult] = {}
                 for m in req.methods:
                     norm = upsampled[m][row, target.column]
-                    box = None
-                    if want_box:
-                        box = scale_box(
-                            localization_box(norm, req.threshold), in_size, it.image_size
-                        )
                     data = None
                     png = None
                     if req.output == "raw":
@@ -239,6 +257,7 @@ class ModelBatch:
                     elif req.output == "png":
                         assert it.resized is not None  # admitted with an image
                         png = overlay_png(norm, it.resized)
+                    box = boxes.get((row, target.column, m))
                     maps[m] = MapResult(m, resolved[m], data=data, png=png, box=box)
                 done.append(_with_maps(target.result, maps))
             results.append(self._result(it, call.score, head, tuple(done)))
@@ -335,23 +354,36 @@ class ModelBatch:
 
     def run(self, requests: Sequence[ExplainRequest], metrics: MetricsSink) -> list[Outcome]:
         """One outcome per request, in order; records the batch's metrics."""
-        start = time.perf_counter()
-        groups: dict[Hashable, list[int]] = {}
-        items: dict[int, Item] = {}
-        started: dict[int, float] = {}
+        self.admit(requests)
+        return self.compute(metrics)
+
+    def admit(self, requests: Sequence[ExplainRequest]) -> None:
+        """Decodes and checks every request and groups them (no engine call, no model lock).
+
+        A request that fails here gets its error now; :meth:`compute` answers it.
+        """
+        self._start = time.perf_counter()
+        self._requests = list(requests)
         t0 = time.perf_counter()
         for i, req in enumerate(requests):
-            started[i] = time.perf_counter()
+            self._started[i] = time.perf_counter()
             try:
-                items[i] = self._admit(req, started[i])
-                groups.setdefault(self._key(items[i]), []).append(i)
+                self._items[i] = self._admit(req, self._started[i])
+                self._groups.setdefault(self._key(self._items[i]), []).append(i)
             except CamserveError as exc:
                 self._fail(i, exc)
             except Exception:
                 log.exception("admitting request %d of %d failed", i, len(requests))
                 self._fail(i, InternalError("internal error while explaining this request"))
         self.timings["decode"] = time.perf_counter() - t0
-        for idx in groups.values():
+
+    def compute(self, metrics: MetricsSink) -> list[Outcome]:
+        """The engine calls of the admitted requests; one outcome per request, in order.
+
+        The caller holds the model's lock (one engine call at a time per model).
+        """
+        requests, items, started, start = self._requests, self._items, self._started, self._start
+        for idx in self._groups.values():
             for s in range(0, len(idx), self.max_batch):
                 self._run_group(idx[s : s + self.max_batch], items)
 

@@ -303,5 +303,7 @@ class ExplainService:
         return [o if o is not None else internal_error(requests[i]) for i, o in enumerate(outcomes)]
 
     def _run_model(self, m: _Model, requests: Sequence[ExplainRequest]) -> list[Outcome]:
+        batch = ModelBatch(m.task, self.settings, self.limits)
+        batch.admit(requests)  # decoding needs no lock: it overlaps another batch's engine call
         with m.lock, torch.inference_mode(False), torch.enable_grad():
-            return ModelBatch(m.task, self.settings, self.limits).run(requests, self.metrics)
+            return batch.compute(self.metrics)

@@ -112,6 +112,20 @@ def test_raw_png_and_box_outputs(gap_model: nn.Module) -> None:
     assert n.box is None and n.data is not None  # not asked for, not computed
 
 
+def test_boxes_of_a_shared_engine_call_equal_those_of_separate_calls(gap_model: nn.Module) -> None:
+    """Boxes are labelled in one pass per method for the whole group: same as one by one."""
+    reqs = [
+        request(png(i), methods=("gradcam", "layercam"), top_k=3, threshold=t, output=o)
+        for i, (t, o) in enumerate([(0.15, "normalized"), (0.5, "box"), (0.9, "raw"), (1.0, "png")])
+    ]
+    together = [result(o) for o in service(gap_model).run(reqs)]
+    for req, both in zip(reqs, together, strict=True):
+        alone = result(service(gap_model).run([req])[0])
+        for a, b in zip(alone.targets, both.targets, strict=True):
+            for m in ("gradcam", "layercam"):
+                assert b.maps[m].box is not None and b.maps[m].box == a.maps[m].box
+
+
 def test_tensor_input_skips_decoding_and_gives_the_same_maps(gap_model: nn.Module) -> None:
     image = png(5)
     x = TRANSFORM(decode_image(image)).numpy()
