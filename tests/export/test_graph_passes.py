@@ -75,6 +75,8 @@ def test_an_exported_graph_guards_nan_once_per_tensor(tmp_path: Path) -> None:
     assert len(guarded) == len(set(guarded))
     # no copy of the head's weight (or of its transpose) per target
     weights = {i.name for i in graph.initializer if len(i.dims) == 2}
-    weights |= {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    weights |= {
+        n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
+    }
     assert not any(n.op_type == "Expand" and n.input[0] in weights for n in graph.node)
     assert all(np.isfinite(v) and v <= report.tolerance for v in report.max_abs_diff.values())
