@@ -2,7 +2,9 @@
 
 A request is either
 
-* a JSON object: ``{"image": "<base64 PNG/JPEG>", "methods": [...], ...}``, or
+* a JSON object: ``{"image": "<base64 PNG/JPEG>", "methods": [...], ...}`` (or, in
+  place of ``image``, a model input ``"tensor": {"shape": [C, H, W], "dtype":
+  "float32", "data": "<base64 little-endian float32, row-major>"}``), or
 * a raw PNG/JPEG body with the options in the query string (``?methods=gradcam,gradcampp``)
   or in headers named ``X-Camserve-<Option>`` (``X-Camserve-Methods: gradcam``).
 
@@ -103,8 +105,9 @@ OPTIONS = (
     "question",
     "answers",
     "options",
+    "predict_only",
 )
-_IMAGE_KEYS = ("image",)
+_IMAGE_KEYS = ("image", "tensor")
 _BODY_KEYS = ("body", "data")
 
 
@@ -217,15 +220,52 @@ def _string(name: str, value: object, max_len: int = 500) -> str:
     return value
 
 
-def _image_from_json(value: object) -> bytes:
+def _image_from_json(value: object, name: str = "image") -> bytes:
     if not isinstance(value, str):
-        raise InvalidRequestError(f"image must be a base64 string, got {type(value).__name__}")
+        raise InvalidRequestError(f"{name} must be a base64 string, got {type(value).__name__}")
     if value.startswith("data:"):
         value = value.split(",", 1)[-1]
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidRequestError(f"image is not valid base64: {exc}") from exc
+        raise InvalidRequestError(f"{name} is not valid base64: {exc}") from exc
+
+
+def _bool(name: str, value: object) -> bool:
+    value = _text(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUTH:
+        return _TRUTH[value.strip().lower()]
+    raise InvalidRequestError(f"{name} must be true or false, got {value!r}")
+
+
+_TRUTH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _tensor_from_json(value: object) -> np.ndarray:
+    """A model input ``{"shape": [C, H, W], "dtype": "float32", "data": "<base64>"}``."""
+    if not isinstance(value, dict) or not {"shape", "data"} <= set(value):
+        raise InvalidRequestError(
+            'tensor must be an object {"shape": [C, H, W], "dtype": "float32", "data": base64}'
+        )
+    dtype = value.get("dtype", "float32")
+    if dtype != "float32":
+        raise InvalidRequestError(f"tensor dtype must be 'float32', got {dtype!r}")
+    shape = value["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise InvalidRequestError(f"tensor shape must be [C, H, W] of positive ints, got {shape!r}")
+    raw = _image_from_json(value["data"], "tensor data")
+    count = shape[0] * shape[1] * shape[2]
+    if len(raw) != 4 * count:
+        raise InvalidRequestError(
+            f"tensor data has {len(raw)} bytes; shape {shape} of float32 needs {4 * count}"
+        )
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
 
 
 def _looks_like_json(body: bytes) -> bool:
@@ -294,12 +334,18 @@ def parse_request(
         unknown = [k for k in body if k not in _IMAGE_KEYS and k not in OPTIONS]
         if unknown:
             raise InvalidRequestError(
-                f"unknown field {unknown[0]!r}; valid fields: image, {', '.join(OPTIONS)}"
+                f"unknown field {unknown[0]!r}; valid fields: image, tensor, {', '.join(OPTIONS)}"
             )
-        if "image" not in body:
-            raise InvalidRequestError("the JSON body has no 'image' field (base64 PNG/JPEG)")
-        image = _image_from_json(body["image"])
+        if "image" in body and "tensor" in body:
+            raise InvalidRequestError("give either image or tensor, not both")
+        if "image" not in body and "tensor" not in body:
+            raise InvalidRequestError(
+                "the JSON body has no 'image' field (base64 PNG/JPEG) nor a 'tensor'"
+            )
         options.update({k: v for k, v in body.items() if k in OPTIONS and v is not None})
+        if "tensor" in body:
+            return _build(None, options, model, request_id, _tensor_from_json(body["tensor"]))
+        image = _image_from_json(body["image"])
     elif isinstance(body, bytes):
         image = body
     elif body is None:
@@ -326,7 +372,11 @@ def _method_options(value: object) -> dict[str, dict[str, Any]]:
 
 
 def _build(
-    image: bytes, options: Mapping[str, object], model: str, request_id: str
+    image: bytes | None,
+    options: Mapping[str, object],
+    model: str,
+    request_id: str,
+    tensor: np.ndarray | None = None,
 ) -> ExplainRequest:
     methods = _str_list("methods", options["methods"]) if "methods" in options else DEFAULT_METHODS
     if not methods:
@@ -347,6 +397,7 @@ def _build(
         model=model,
         request_id=request_id,
         image=image,
+        tensor=tensor,
         methods=methods,
         top_k=top_k,
         class_ids=class_ids,
@@ -364,6 +415,9 @@ def _build(
         question=_string("question", options["question"]) if "question" in options else None,
         answers=answers,
         options=_method_options(options["options"]) if "options" in options else {},
+        predict_only=(
+            _bool("predict_only", options["predict_only"]) if "predict_only" in options else False
+        ),
     )
 
 
@@ -529,23 +583,20 @@ def encode_outcome(outcome: Outcome) -> tuple[int, str, str]:
 
 # --- the other direction: what a client of the handlers sends and reads -------------
 def encode_json_request(request: ExplainRequest) -> bytes:
-    """The JSON request body for a request (what :func:`parse_request` reads back).
-
-    Raises:
-        InvalidRequestError: a tensor input or ``predict_only``, which the JSON
-            format does not carry (the message names the field).
-    """
-    if request.tensor is not None or request.image is None:
-        raise InvalidRequestError("tensor: the JSON format takes encoded images only; send image")
+    """The JSON request body for a request (what :func:`parse_request` reads back)."""
+    body: dict[str, Any] = {}
+    if request.tensor is not None:
+        t = np.ascontiguousarray(request.tensor, dtype="<f4")
+        body["tensor"] = {"shape": list(t.shape), "dtype": "float32", "data": _b64(t.tobytes())}
+    else:
+        assert request.image is not None  # the request's constructor checked it
+        body["image"] = _b64(request.image)
+    body["methods"] = list(request.methods)
+    body["score"] = request.score
+    body["output"] = request.output
+    body["threshold"] = request.threshold
     if request.predict_only:
-        raise InvalidRequestError("predict_only: not carried by the JSON format")
-    body: dict[str, Any] = {
-        "image": _b64(request.image),
-        "methods": list(request.methods),
-        "score": request.score,
-        "output": request.output,
-        "threshold": request.threshold,
-    }
+        body["predict_only"] = True
     if request.top_k is not None:
         body["top_k"] = request.top_k
     if request.class_ids:

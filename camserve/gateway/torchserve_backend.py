@@ -9,8 +9,8 @@ them. Model names and worker readiness come from TorchServe's gRPC management
 API. Descriptions (layers, labels, methods) come from the model specs in the
 model store, loaded once on the CPU, since TorchServe does not know them.
 
-Not forwarded: raw tensor inputs and ``predict_only`` (the JSON format has
-neither); such items get INVALID_ARGUMENT naming the field.
+Raw tensor inputs and ``predict_only`` travel in the same JSON format (``tensor``,
+``predict_only``), so the audit can score a model served by TorchServe too.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
+from camserve.gateway.convert import tensor_of
 from camserve.gateway.inprocess import InProcessBackend
 from camserve.gateway.proto import pb, pb_grpc
 from camserve.gateway.server import BackgroundGateway
@@ -79,6 +81,9 @@ def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
     return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
 
 
+TENSOR = tensor_of(np.random.default_rng(3).standard_normal((3, 64, 64)).astype(np.float32))
+
+
 def assert_same(a: pb.ExplainResponse, b: pb.ExplainResponse) -> None:
     assert (a.model, a.kind, a.layer, a.score, a.output) == (
         b.model,
@@ -132,8 +137,17 @@ def assert_same(a: pb.ExplainResponse, b: pb.ExplainResponse) -> None:
             answers=["circle"],
             methods=["gradcam", "guided_gradcam"],
         ),
+        pb.ExplainRequest(model="resnet_gap", image=SCENE, predict_only=True, top_k=3),
+        pb.ExplainRequest(
+            model="resnet_gap", tensor=TENSOR, methods=["gradcam", "xgradcam"], top_k=2
+        ),
+        pb.ExplainRequest(
+            model="vqa", tensor=TENSOR, question="what colour is it", predict_only=True
+        ),
     ],
-    ids=["classifier", "classifier-raw", "captioner", "vqa"],
+    ids=[
+        "classifier", "classifier-raw", "captioner", "vqa", "predict-only", "tensor", "vqa-tensor",
+    ],
 )
 def test_same_response_through_torchserve_and_in_process(
     remote: BackgroundGateway, local: BackgroundGateway, msg: pb.ExplainRequest

@@ -47,10 +47,50 @@ def test_json_request_round_trip() -> None:
     )  # fmt: skip
     back = parse_request(encode_json_request(req), model="vqa", request_id="r")
     assert back == dataclasses.replace(req, deadline=None)
-    with pytest.raises(InvalidRequestError, match="tensor"):
-        encode_json_request(ExplainRequest("m", tensor=np.zeros((3, 4, 4), np.float32)))
-    with pytest.raises(InvalidRequestError, match="predict_only"):
-        encode_json_request(ExplainRequest("m", image=scene(), predict_only=True))
+    predict = ExplainRequest("m", image=scene(), predict_only=True, top_k=3)
+    assert parse_request(encode_json_request(predict), model="m") == predict
+
+
+def test_json_tensor_inputs_round_trip_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    x[0, 0, :3] = [0.0, -0.0, np.finfo(np.float32).tiny]
+    req = ExplainRequest("m", tensor=x, methods=("layercam",), class_ids=(2,), predict_only=True)
+    back = parse_request(encode_json_request(req), model="m")
+    assert back.image is None and back.predict_only and back.class_ids == (2,)
+    assert back.tensor is not None and back.tensor.dtype == np.float32
+    assert back.tensor.tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"tensor": [1, 2]}, "tensor must be an object"),
+        ({"tensor": {"shape": [3, 2], "data": ""}}, r"shape must be \[C, H, W\]"),
+        ({"tensor": {"shape": [3, 2, 0], "data": ""}}, "positive ints"),
+        ({"tensor": {"shape": [1, 2, 2], "dtype": "float64", "data": ""}}, "dtype must be"),
+        ({"tensor": {"shape": [1, 2, 2], "data": "AAAA"}}, "has 3 bytes; shape .* needs 16"),
+        ({"tensor": {"shape": [1, 1, 1], "data": "!!"}}, "tensor data is not valid base64"),
+        ({"tensor": {"shape": [1, 1, 1], "data": "AADAfw=="}}, "NaN or infinite"),
+        ({"image": "AAAA", "tensor": {"shape": [1, 1, 1], "data": "AAAAAA=="}}, "not both"),
+        ({"methods": ["gradcam"]}, "no 'image' field"),
+        ({"image": "AAAA", "predict_only": "maybe"}, "predict_only must be true or false"),
+    ],
+)
+def test_bad_tensor_and_predict_only_fields_name_the_problem(
+    body: dict[str, object], message: str
+) -> None:
+    import json
+
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_request(json.dumps(body).encode(), model="m")
+
+
+def test_predict_only_as_a_header_of_a_raw_image() -> None:
+    req = parse_request(scene(), {"X-Camserve-Predict-Only": "true"}, model="m")
+    assert req.predict_only and req.image == scene()
+    req = parse_request(scene(), {"X-Camserve-Predict-Only": "0"}, model="m")
+    assert not req.predict_only
 
 
 def same(a: ExplainResult, b: ExplainResult) -> None:
