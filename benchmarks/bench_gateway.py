@@ -9,6 +9,9 @@
    Goal: >= 3x at 16 clients.
 3. ``--torchserve``: the same through the TorchServe backend (a real
    TorchServe with the handlers) against the in-process backend.
+4. The ceiling of any batching gain: ``ExplainService.run`` in this process on
+   16 items at once against 16 calls of one item (per-item time, interleaved).
+   No front door can gain more from grouping than the service itself does.
 
 Every item: one PNG of the model's input size, Grad-CAM of the top class,
 ``normalized`` maps. Usage (from the repository root)::
@@ -258,6 +261,23 @@ def main(argv: list[str] | None = None) -> int:
         lat["inprocess"]["cpu_ms"] = cpu_per_call(lambda: backend.run([request]), n)
         lat["grpc"]["cpu_ms"] = cpu_per_call(lambda: client.explain(request), n, on)
         results["latency"] = lat
+        batch16 = [request] * 16
+        ceiling = interleaved(
+            {"one_at_a_time": lambda: [backend.run([request]) for _ in range(16)],
+             "sixteen_at_once": lambda: backend.run(batch16)},
+            max(n // 10, 5),
+            max(warmup // 10, 2),
+        )  # fmt: skip
+        results["service_batching_ceiling"] = {
+            **ceiling,
+            "gain": ceiling["one_at_a_time"]["p50_ms"] / ceiling["sixteen_at_once"]["p50_ms"],
+        }
+        print(
+            "[ceiling] the service alone, 16 items: one at a time "
+            f"{ceiling['one_at_a_time']['p50_ms'] / 16:.2f} ms per item, in one call "
+            f"{ceiling['sixteen_at_once']['p50_ms'] / 16:.2f} ms per item: "
+            f"{results['service_batching_ceiling']['gain']:.2f}x"
+        )
         overhead = lat["grpc"]["paired_p50_overhead_ms"]
         cpu_overhead = lat["grpc"]["cpu_ms"] - lat["inprocess"]["cpu_ms"]
         print(

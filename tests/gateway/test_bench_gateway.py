@@ -46,3 +46,6 @@ def test_bench_gateway_quick(tmp_path: Path) -> None:
     for label in ("batching_off", "batching_on"):
         for value in data["throughput"][label].values():
             assert math.isfinite(value) and value > 0
+    ceiling = data["service_batching_ceiling"]
+    assert math.isfinite(ceiling["gain"]) and ceiling["gain"] > 0
+    assert "[ceiling]" in proc.stdout
