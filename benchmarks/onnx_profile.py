@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         torch.onnx.export(
             model, (x[:2],), str(plain_path), dynamo=True, input_names=["images"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
         )  # fmt: skip
         feeds = {"images": x.numpy(), "class_ids": np.full((args.batch, 5), -1, np.int64)}
         by_op = profile_by_op(joint_path, feeds, args.threads, args.rounds)

@@ -34,3 +34,17 @@ def test_bench_onnx_quick(tmp_path: Path) -> None:
         assert entry["onnx_s"] > 0 and entry["torch_s"] > 0
         assert entry["onnx_stages_s"]["forward"] > 0
         assert math.isfinite(entry["cpu_ratio"]) and entry["cpu_ratio"] > 0
+
+
+def test_onnx_profile_runs_on_the_tiny_network(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "onnx_profile.py"), "--model", "tiny",
+           "--batch", "2", "--rounds", "1", "--threads", "1", "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["joint_profile_ms"]["Conv"] > 0
+    assert set(data["median_ms"]) == {"joint", "plain", "torch_forward"}
+    assert all(math.isfinite(v) and v > 0 for v in data["median_ms"].values())
