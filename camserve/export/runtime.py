@@ -279,6 +279,20 @@ class OnnxExplainer:
             ids = torch.cat([ids, pad], dim=1)
         return ids, k
 
+    def logits(self, inputs: Tensor | Sequence[Tensor]) -> Tensor:
+        """The graph's ``logits`` output for ``inputs``, float32 ``(N, C)``, without autograd.
+
+        Raises:
+            InvalidRequestError: bad shapes or dtypes, or a graph with a traced
+                score function (its logits are not class scores).
+        """
+        if not self.classes:
+            raise InvalidRequestError("this graph has a traced score function, not class logits")
+        feed, images = self._feed(inputs)
+        feed["class_ids"] = np.full((int(images.shape[0]), 1), -1, dtype=np.int64)
+        (raw,) = self._session.run(["logits"], feed)
+        return torch.from_numpy(np.asarray(raw, dtype=np.float32)).to(self.device)
+
     # --------------------------------------------------------------- explain
     def explain(
         self,
@@ -489,6 +503,10 @@ class FallbackExplainer:
             if k > self.onnx.max_targets:
                 return f"{k} targets; the graph takes at most {self.onnx.max_targets}"
         return None
+
+    def supported_methods(self) -> list[str]:
+        """Every method id it answers: all of the engine's, or the graph's without torch."""
+        return list_methods() if self.torch is not None else self.onnx.supported_methods()
 
     def runtime_for(self, methods: str | Sequence[str], targets: Targets = 1) -> str:
         """``"onnx"`` or ``"torch"``: the runtime that answers these methods and targets."""

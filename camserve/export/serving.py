@@ -4,7 +4,10 @@
 returns the binding :func:`camserve.models.load_model` puts into the loaded
 model: at the graph's layer a :class:`~camserve.export.FallbackExplainer`
 (onnxruntime where the graph can answer, the torch engine otherwise), at every
-other layer the torch engine.
+other layer the torch engine. A classifier spec with the ONNX file alone (no
+factory, no program) is served by the graph alone: predictions from its
+``logits`` output, and the methods it computes (the others are refused with
+:class:`~camserve.errors.UnsupportedMethodError`, naming them).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from camserve.engine import Explainer
 from camserve.errors import CamserveError
@@ -20,7 +24,27 @@ from camserve.models.files import SpecError
 from camserve.models.loading import LayerExplainer, RuntimeBinding
 from camserve.models.spec import ModelSpec
 
-__all__ = ["onnx_runtime"]
+__all__ = ["OnnxLogits", "onnx_runtime"]
+
+
+class OnnxLogits(nn.Module):
+    """A classifier's graph as a module that predicts: ``forward(images) -> logits (N, C)``.
+
+    It stands for the torch model of a spec that has none: the service's
+    predictions (and ``predict_only`` requests) call it; it has no parameters
+    and no autograd (the graph's own gradients serve the maps).
+
+    Args:
+        onnx: the graph's explainer.
+    """
+
+    def __init__(self, onnx: OnnxExplainer) -> None:
+        super().__init__()
+        self.onnx = onnx
+
+    def forward(self, images: Tensor) -> Tensor:
+        """float32 logits ``(N, C)`` of images ``(N, 3, H, W)``."""
+        return self.onnx.logits(images)
 
 
 def onnx_runtime(spec: ModelSpec, device: torch.device) -> RuntimeBinding:
@@ -36,7 +60,9 @@ def onnx_runtime(spec: ModelSpec, device: torch.device) -> RuntimeBinding:
 
     Raises:
         SpecError: no ``onnx`` file, a file onnxruntime cannot load or that is
-            not a camserve export, a graph of another layer than ``spec.layer``.
+            not a camserve export, a graph of another layer than ``spec.layer``;
+            without a torch model: a kind other than classifier, or labels that
+            do not match the graph's classes.
     """
     if spec.onnx is None:
         raise SpecError("onnx", None, "the onnx runtime needs an onnx file", spec.origin)
@@ -61,9 +87,30 @@ def onnx_runtime(spec: ModelSpec, device: torch.device) -> RuntimeBinding:
             spec.origin,
         )
 
-    def factory(torch_explainer: Explainer) -> LayerExplainer:
+    def factory(torch_explainer: Explainer | None) -> LayerExplainer:
+        if torch_explainer is None:  # no torch model: the graph alone
+            return FallbackExplainer(onnx, None)
         if torch_explainer.layers != onnx.layers:
             return torch_explainer
         return FallbackExplainer(onnx, torch_explainer)
 
+    if spec.factory is None and spec.program is None:
+        if spec.kind != "classifier" or not onnx.classes:
+            raise SpecError(
+                "factory",
+                None,
+                "an ONNX file alone serves classifiers (class logits); a captioner or VQA "
+                "model needs its torch model too (a factory or a program)",
+                spec.origin,
+            )
+        if onnx.num_classes is not None and onnx.num_classes != len(spec.labels):
+            raise SpecError(
+                "labels",
+                f"{len(spec.labels)} labels",
+                f"the ONNX graph {path.name} has {onnx.num_classes} classes",
+                spec.origin,
+            )
+        return RuntimeBinding(
+            "onnx", onnx.device, onnx.provider, factory, model=OnnxLogits(onnx), layers=onnx.layers
+        )
     return RuntimeBinding("onnx", onnx.device, onnx.provider, factory)

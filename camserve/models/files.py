@@ -258,9 +258,16 @@ def spec_from_dict(data: Mapping[str, Any], origin: Path | None = None) -> Model
         if not path.is_file():
             raise SpecError(key, value, f"no such file ({path})", origin)
         out[key] = path
-    if ("factory" in out) == ("program" in out):
+    runtime_file_alone = (
+        data.get("runtime") == "onnx" and "onnx" in out and "factory" not in out
+    ) and "program" not in out
+    if ("factory" in out) == ("program" in out) and not runtime_file_alone:
         raise SpecError(
-            "factory", factory, "give exactly one source: a factory or a program file", origin
+            "factory",
+            factory,
+            "give exactly one source: a factory or a program file (or, for a classifier "
+            "with runtime onnx, the onnx file alone)",
+            origin,
         )
     if "weights" in out and "factory" not in out:
         raise SpecError("weights", data["weights"], "weights go with a factory", origin)

@@ -78,8 +78,9 @@ class LayerExplainer(Protocol):
         """Predictions and maps, as :meth:`camserve.engine.Explainer.explain`."""
 
 
-ExplainerFactory = Callable[[Explainer], LayerExplainer]
-"""Turns the torch engine's explainer of a layer into the one that serves the layer."""
+ExplainerFactory = Callable[[Explainer | None], LayerExplainer]
+"""Turns the torch engine's explainer of a layer into the one that serves the layer
+(given None for a model served without a torch model, see :attr:`LoadedModel.layers`)."""
 
 RUNTIMES = {"onnx": "camserve.export.serving:onnx_runtime"}
 """Runtime name (besides ``torch``) -> its plug-in ``module:function``, called with
@@ -98,12 +99,17 @@ class RuntimeBinding:
         device: where it computes.
         provider: its execution provider (onnxruntime's), if any.
         explainer_factory: see :attr:`LoadedModel.explainer_factory`.
+        model: for a spec without a torch model, the module that stands for it
+            (predictions only; its forward runs the runtime), else None.
+        layers: with ``model``, the layers the runtime explains.
     """
 
     runtime: str
     device: torch.device
     provider: str | None
     explainer_factory: ExplainerFactory
+    model: nn.Module | None = None
+    layers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,9 @@ class LoadedModel:
             the one that serves it (runtime ``onnx``: a
             :class:`~camserve.export.FallbackExplainer` at the graph's layer,
             the torch engine at the others); None: the torch engine everywhere.
+        layers: None when the torch model is loaded (every named module can be
+            explained); for a spec without a torch model (an ONNX file alone),
+            the layers its runtime explains, and :attr:`model` only predicts.
     """
 
     spec: ModelSpec
@@ -140,6 +149,7 @@ class LoadedModel:
     runtime_device: torch.device | None = None
     provider: str | None = None
     explainer_factory: ExplainerFactory | None = None
+    layers: tuple[str, ...] | None = None
 
 
 def word_tokenizer(vocab: tuple[str, ...]) -> Callable[[str], list[int]]:
@@ -243,9 +253,11 @@ def _load_program(spec: ModelSpec) -> nn.Module:
 def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> LoadedModel:
     """Builds, loads and checks the model of ``spec`` (eval mode, on ``device``).
 
-    Runtime ``onnx``: the torch model is loaded too (it answers what the graph
-    cannot), and the ONNX file opens in an onnxruntime session (CPU, or CUDA
-    for a CUDA ``device`` when onnxruntime-gpu is installed) whose explainer the
+    Runtime ``onnx``: the torch model is loaded too when the spec has one (it
+    answers what the graph cannot; without one, the graph alone predicts and
+    explains, see :attr:`LoadedModel.layers`), and the ONNX file opens in an
+    onnxruntime session (CPU, or CUDA for a CUDA ``device`` when onnxruntime-gpu
+    is installed) whose explainer the
     returned :attr:`LoadedModel.explainer_factory` serves at the spec's layer.
     A log line names the runtime serving the model.
 
@@ -257,6 +269,8 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Loa
             camserve export, a graph of another layer than the spec's.
     """
     dev = torch.device(device if device is not None else "cpu")
+    if spec.runtime != "torch" and spec.factory is None and spec.program is None:
+        return _load_without_torch_model(spec, dev)
     loaded = _load_torch(spec, dev)
     if spec.runtime == "torch":
         log.info("model %s: torch engine on %s", spec.name, dev)
@@ -278,6 +292,37 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Loa
         runtime_device=binding.device,
         provider=binding.provider,
         explainer_factory=binding.explainer_factory,
+    )
+
+
+def _load_without_torch_model(spec: ModelSpec, dev: torch.device) -> LoadedModel:
+    """A spec with a runtime file and no torch model: the runtime predicts and explains."""
+    binding = _runtime(spec, dev)
+    if binding.model is None or binding.layers is None:
+        raise SpecError(
+            "factory",
+            None,
+            f"runtime {spec.runtime!r} needs the torch model too (a factory or a program)",
+            spec.origin,
+        )
+    log.info(
+        "model %s: %s (%s, %s) alone at layer %s: no torch model, so only the methods "
+        "its graph computes",
+        spec.name,
+        binding.runtime,
+        binding.provider,
+        binding.device,
+        spec.layer,
+    )
+    return LoadedModel(
+        spec,
+        binding.model,
+        binding.device,
+        runtime=binding.runtime,
+        runtime_device=binding.device,
+        provider=binding.provider,
+        explainer_factory=binding.explainer_factory,
+        layers=binding.layers,
     )
 
 

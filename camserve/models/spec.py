@@ -58,7 +58,9 @@ class ModelSpec:
         weights: a state dict file (loaded with ``weights_only=True``).
         program: a TorchScript / ``torch.export`` file, instead of a factory.
         onnx: an exported ONNX file (see :mod:`camserve.export`).
-        runtime: ``torch`` or ``onnx``.
+        runtime: ``torch`` or ``onnx``. A classifier with runtime ``onnx`` may
+            give the ``onnx`` file alone (no factory, no program): the graph then
+            predicts and explains by itself (see :mod:`camserve.export.serving`).
         layout: how the outputs of the explained layers are read as
             activations ``(N, C, h, w)``: ``auto`` (default: ``(N, C, h, w)``,
             ``(N, h, w, C)`` or tokens ``(N, T, C)`` told apart by the input's

@@ -104,7 +104,7 @@ def task_for(loaded: LoadedModel, settings: Settings | None = None) -> Task:
     """
     task = _task_of(loaded, settings or Settings())
     if loaded.runtime != "torch" and isinstance(task, TaskBase):
-        task.serve_with(loaded.runtime, loaded.explainer_factory)
+        task.serve_with(loaded.runtime, loaded.explainer_factory, loaded.layers)
     return task
 
 
@@ -247,7 +247,10 @@ class ExplainService:
                 cost=s.cost,
                 options={k: tuple(t.__name__ for t in v.types) for k, v in s.options.items()},
             )
-            for s in (method_spec(mid) for mid in list_methods())
+            for s in (
+                method_spec(mid)
+                for mid in (task.method_ids() if isinstance(task, TaskBase) else list_methods())
+            )
         )
         _, h, w = (3, *task.transform.size)
         labels: tuple[str, ...] = ()

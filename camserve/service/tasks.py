@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from camserve.engine import Explainer, Explanation
 from camserve.engine.layout import Layout
+from camserve.engine.methods import list_methods
 from camserve.errors import InvalidRequestError, UnknownNameError
 from camserve.models import ExplainerFactory, LayerExplainer
 from camserve.service.images import InputTransform
@@ -168,6 +169,7 @@ class ExplainerCache:
         self._explainers: dict[str, LayerExplainer] = {}
         self.layers = sorted(name for name, _ in model.named_modules() if name)
         self._known = frozenset(self.layers)
+        self.torch_free = False
         self._lock = threading.Lock()
 
     def get(self, layer: str) -> LayerExplainer:
@@ -181,12 +183,27 @@ class ExplainerCache:
             if ex is None:
                 if layer not in self._known:
                     raise UnknownNameError("layer", layer, self._known)
-                engine = Explainer(
-                    self.model, layer, device=self.device, layout=self.layout, name=self.name
-                )
-                ex = engine if self.explainer_factory is None else self.explainer_factory(engine)
+                if self.torch_free and self.explainer_factory is not None:
+                    ex = self.explainer_factory(None)  # the runtime alone, no torch engine
+                else:
+                    engine = Explainer(
+                        self.model, layer, device=self.device, layout=self.layout, name=self.name
+                    )
+                    ex = (
+                        engine
+                        if self.explainer_factory is None
+                        else self.explainer_factory(engine)
+                    )
                 self._explainers[layer] = ex
             return ex
+
+    def without_torch_model(self, layers: Sequence[str]) -> None:
+        """The model is a runtime's stand-in: only ``layers``, each served by the factory alone."""
+        with self._lock:
+            self.torch_free = True
+            self.layers = sorted(layers)
+            self._known = frozenset(self.layers)
+            self._explainers.clear()
 
 
 def top_predictions(
@@ -266,10 +283,29 @@ class TaskBase:
             return self.device
         return self._cache.get(self.default_layer).device
 
-    def serve_with(self, runtime: str, explainer_factory: ExplainerFactory | None) -> None:
-        """Serves the layers through ``explainer_factory`` (a model's runtime, e.g. onnx)."""
+    def serve_with(
+        self,
+        runtime: str,
+        explainer_factory: ExplainerFactory | None,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        """Serves the layers through ``explainer_factory`` (a model's runtime, e.g. onnx).
+
+        Args:
+            runtime: the runtime's name.
+            explainer_factory: see :class:`ExplainerCache`.
+            layers: for a model without a torch model, the only layers (the
+                runtime's); None: every named module of the model.
+        """
         self._runtime = runtime
         self._cache.explainer_factory = explainer_factory
+        if layers is not None:
+            self._cache.without_torch_model(layers)
+
+    def method_ids(self) -> list[str]:
+        """The method ids the default layer's explainer answers (all the engine's for torch)."""
+        supported = getattr(self.explainer(self.default_layer), "supported_methods", None)
+        return list(supported()) if callable(supported) else list_methods()
 
     def explainer(self, layer: str) -> LayerExplainer:
         """The explainer for ``layer``."""
