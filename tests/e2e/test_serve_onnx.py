@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,13 +39,19 @@ def test_serve_an_onnx_spec(tmp_path: Path) -> None:
     spec_file = write_spec(
         replace(torch_spec, name="gap_onnx", runtime="onnx", onnx=onnx), tmp_path / "gap.toml"
     )
+    alone = replace(
+        torch_spec, name="gap_alone", runtime="onnx", onnx=onnx, factory=None, weights=None,
+        factory_kwargs={},
+    )  # fmt: skip
+    alone_file = write_spec(alone, tmp_path / "alone.toml")
     store, run = tmp_path / "store", tmp_path / "run"
     store.mkdir()
     port, grpc_port = free_run(3), free_run(2) + 1000
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cli = [sys.executable, "-m", "camserve.cli"]
     serve = [*cli, "serve", "--background", "--model-store", str(store), "--run-dir", str(run)]
-    serve += ["--model", str(spec_file), "--port", str(port), "--grpc-port", str(grpc_port)]
+    serve += ["--model", str(spec_file), "--model", str(alone_file)]
+    serve += ["--port", str(port), "--grpc-port", str(grpc_port)]
     image = (STORE / "examples" / "scene_0.png").read_bytes()
     try:
         out = subprocess.run(
@@ -51,17 +59,27 @@ def test_serve_an_onnx_spec(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stdout + out.stderr
         server = TorchServe(ServeConfig(run_dir=run, inference_port=port, management_port=port + 1))
-        assert server.management.models() == ["gap_onnx"]
-        req = urllib.request.Request(
-            f"{server.inference_url}/predictions/gap_onnx", data=image, method="POST"
-        )
-        req.add_header("Authorization", f"Bearer {server.token('inference')}")
-        req.add_header("Content-Type", "image/png")
-        req.add_header("X-Camserve-Methods", "gradcam,scorecam")
-        req.add_header("X-Camserve-Top-K", "2")
-        req.add_header("X-Camserve-Output", "raw")
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            answer = json.loads(resp.read())
+        assert sorted(server.management.models()) == ["gap_alone", "gap_onnx"]
+
+        def ask(model: str, methods: str) -> tuple[int, dict[str, Any]]:
+            req = urllib.request.Request(
+                f"{server.inference_url}/predictions/{model}", data=image, method="POST"
+            )
+            req.add_header("Authorization", f"Bearer {server.token('inference')}")
+            req.add_header("Content-Type", "image/png")
+            req.add_header("X-Camserve-Methods", methods)
+            req.add_header("X-Camserve-Top-K", "2")
+            req.add_header("X-Camserve-Output", "raw")
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        status, answer = ask("gap_onnx", "gradcam,scorecam")
+        assert status == 200, answer
+        alone_status, alone_answer = ask("gap_alone", "gradcam")
+        refused_status, refused = ask("gap_alone", "scorecam")
     finally:
         stop = subprocess.run(
             [*cli, "stop", "--run-dir", str(run)],
@@ -84,3 +102,13 @@ def test_serve_an_onnx_spec(tmp_path: Path) -> None:
             assert w is not None
             scale = max(1.0, float(np.abs(w).max()))
             np.testing.assert_allclose(decode_map(got_t["maps"][m]), w, atol=1e-4 * scale)
+    # the ONNX file alone: the same predictions and Grad-CAM; Score-CAM refused by name
+    assert alone_status == 200, alone_answer
+    assert [p["label"] for p in alone_answer["predictions"]] == [p.label for p in want.predictions]
+    for got_t, want_t in zip(alone_answer["explanations"], want.targets, strict=True):
+        w = want_t.maps["gradcam"].data
+        assert w is not None
+        scale = max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(decode_map(got_t["maps"]["gradcam"]), w, atol=1e-4 * scale)
+    assert refused_status == 400, refused
+    assert "scorecam" in refused["error"]["message"]
