@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,25 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "camserve.cli",
-        "gateway",
-        "--model",
-        "resnet_gap",
-        "--model",
-        "vqa",
-        "--model-store",
-        str(STORE),
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-    ]
+@contextmanager
+def gateway(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``camserve gateway ARGS`` on a free port, serving from the store (output piped);
+    killed on the way out if a test left it running."""
+    cmd = [sys.executable, "-m", "camserve.cli", "gateway", "--model-store", str(STORE)]
     proc = subprocess.Popen(
-        cmd,
+        [*cmd, "--port", "0", *args],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.PIPE,
@@ -48,6 +38,17 @@ def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
         text=True,
     )
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
+    with gateway("--model", "resnet_gap", "--model", "vqa", "--metrics-port", "0") as proc:
         assert proc.stdout is not None
         lines = []
         address = None
@@ -109,39 +110,12 @@ def test_gateway_command_serves_and_stops_gracefully(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "gateway stopped" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_right_after_the_ready_line_stops_the_gateway_gracefully(signum: int) -> None:
     """The handlers are in place before "Ctrl-C stops it" is printed: no traceback, exit 0."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "camserve.cli",
-        "gateway",
-        "--model",
-        "resnet_gap",
-        "--model-store",
-        str(STORE),
-        "--port",
-        "0",
-        "--no-metrics",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with gateway("--model", "resnet_gap", "--no-metrics") as proc:
         assert proc.stdout is not None
         lines = []
         for line in proc.stdout:
@@ -154,12 +128,6 @@ def test_a_signal_right_after_the_ready_line_stops_the_gateway_gracefully(signum
         assert proc.returncode == 0, "".join(lines) + out
         assert "Traceback" not in out, out
         assert "gateway stopped" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_gateway_command_refuses_a_public_address_without_a_token() -> None:
