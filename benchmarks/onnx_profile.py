@@ -40,6 +40,8 @@ def _session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSe
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = profile
+    if profile:  # the profile goes next to the graph (a temporary folder), not into the cwd
+        options.profile_file_prefix = str(path.with_suffix(""))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -50,7 +52,9 @@ def profile_by_op(
     sess = _session(path, threads, profile=True)
     for _ in range(runs):
         sess.run(None, feeds)
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    profile = Path(sess.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
     by_op: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):

@@ -41,9 +41,10 @@ def test_onnx_profile_runs_on_the_tiny_network(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "onnx_profile.py"), "--model", "tiny",
            "--batch", "2", "--rounds", "1", "--threads", "1", "--json", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no profile left behind
     data = json.loads(out.read_text())
     assert data["joint_profile_ms"]["Conv"] > 0
     assert set(data["median_ms"]) == {"joint", "plain", "torch_forward"}
