@@ -111,10 +111,10 @@ def _gateway(args: argparse.Namespace) -> int:
         example = "resnet_gap" if "resnet_gap" in names else (names[0] if names else "MODEL")
         image = Path(args.model_store) / "examples" / "scene_0.png"
         token = " --token $CAMSERVE_GATEWAY_TOKEN" if settings.token else ""
-        print("[camserve] try (writes figures and explanations.json into /tmp/camserve-remote):")
+        print("[camserve] try (writes figures and explanations.json into var/explained-remote/):")
         print(
             f"  {sys.executable} -m camserve.cli explain {image} --model {example} "
-            f"--remote {host}:{gateway.port}{token} --top-k 2 --out /tmp/camserve-remote"
+            f"--remote {host}:{gateway.port}{token} --top-k 2 --out var/explained-remote"
         )
         print("[camserve] Ctrl-C stops it")
         sys.stdout.flush()
