@@ -109,7 +109,8 @@ def internal_error(req: ExplainRequest) -> ExplainError:
 
 
 class ModelBatch:
-    """One :meth:`ExplainService.run` for one model (use once).
+    """One :meth:`ExplainService.run` for one model (use once): :meth:`admit`, then
+    :meth:`compute` under the model's lock.
 
     Args:
         task: the model's task.
@@ -352,11 +353,6 @@ class ModelBatch:
             self.results[i] = res
             self.finished[i] = done
 
-    def run(self, requests: Sequence[ExplainRequest], metrics: MetricsSink) -> list[Outcome]:
-        """One outcome per request, in order; records the batch's metrics."""
-        self.admit(requests)
-        return self.compute(metrics)
-
     def admit(self, requests: Sequence[ExplainRequest]) -> None:
         """Decodes and checks every request and groups them (no engine call, no model lock).
 
@@ -364,7 +360,6 @@ class ModelBatch:
         """
         self._start = time.perf_counter()
         self._requests = list(requests)
-        t0 = time.perf_counter()
         for i, req in enumerate(requests):
             self._started[i] = time.perf_counter()
             try:
@@ -375,25 +370,25 @@ class ModelBatch:
             except Exception:
                 log.exception("admitting request %d of %d failed", i, len(requests))
                 self._fail(i, InternalError("internal error while explaining this request"))
-        self.timings["decode"] = time.perf_counter() - t0
+        self.timings["decode"] = time.perf_counter() - self._start
 
     def compute(self, metrics: MetricsSink) -> list[Outcome]:
         """The engine calls of the admitted requests; one outcome per request, in order.
 
         The caller holds the model's lock (one engine call at a time per model).
         """
-        requests, items, started, start = self._requests, self._items, self._started, self._start
         for idx in self._groups.values():
             for s in range(0, len(idx), self.max_batch):
-                self._run_group(idx[s : s + self.max_batch], items)
+                self._run_group(idx[s : s + self.max_batch], self._items)
 
-        total = time.perf_counter() - start
+        requests = self._requests
+        total = time.perf_counter() - self._start
         batch_timings = dict(self.timings)
         outcomes: list[Outcome] = []
         statuses: list[tuple[str, float]] = []
         for i, req in enumerate(requests):
             res = self.results.get(i)
-            latency = self.finished.get(i, time.perf_counter()) - started[i]
+            latency = self.finished.get(i, time.perf_counter()) - self._started[i]
             if res is not None:
                 outcomes.append(_replace(res, timings=batch_timings, batch_size=len(requests)))
                 statuses.append(("ok", latency))

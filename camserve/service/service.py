@@ -307,6 +307,6 @@ class ExplainService:
 
     def _run_model(self, m: _Model, requests: Sequence[ExplainRequest]) -> list[Outcome]:
         batch = ModelBatch(m.task, self.settings, self.limits)
-        batch.admit(requests)  # decoding needs no lock: it overlaps another batch's engine call
+        batch.admit(requests)  # decoding needs no lock: other callers' engine calls go on
         with m.lock, torch.inference_mode(False), torch.enable_grad():
             return batch.compute(self.metrics)

@@ -303,7 +303,10 @@ class TaskBase:
             self._cache.without_torch_model(layers)
 
     def method_ids(self) -> list[str]:
-        """The method ids the default layer's explainer answers (all the engine's for torch)."""
+        """The method ids the model answers: all the engine's, unless a runtime serves it
+        without a torch model (then its explainer's ``supported_methods()``)."""
+        if not self._cache.torch_free:
+            return list_methods()  # the torch engine answers whatever the runtime cannot
         supported = getattr(self.explainer(self.default_layer), "supported_methods", None)
         return list(supported()) if callable(supported) else list_methods()
 
