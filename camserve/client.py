@@ -67,10 +67,21 @@ def channel_options(
     return options
 
 
-def _credentials(
-    root_certificates: bytes | None, certificate_chain: bytes | None, private_key: bytes | None
-) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+def _channel(
+    api: Any,
+    target: str,
+    options: list[tuple[str, Any]],
+    tls: bool,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+) -> Any:
+    """A channel of ``api`` (``grpc`` or ``grpc.aio``, which share the factory signatures):
+    TLS when asked or when ``root_certificates`` are given, else plaintext."""
+    if tls or root_certificates is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+        return api.secure_channel(target, creds, options=options)
+    return api.insecure_channel(target, options=options)
 
 
 def _outcome(item: pb.ExplainBatchItem, request: ExplainRequest) -> Outcome:
@@ -134,11 +145,9 @@ class Client(_Base):
     ) -> None:
         super().__init__(token, timeout)
         options = channel_options(max_message_bytes, retries)
-        if tls or root_certificates is not None:
-            creds = _credentials(root_certificates, certificate_chain, private_key)
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel: grpc.Channel = _channel(
+            grpc, target, options, tls, root_certificates, certificate_chain, private_key
+        )
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
 
     def explain(self, request: ExplainRequest, timeout: float | None = None) -> ExplainResult:
@@ -237,11 +246,9 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(token, timeout)
         options = channel_options(max_message_bytes, retries)
-        if tls or root_certificates is not None:
-            creds = _credentials(root_certificates, certificate_chain, private_key)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel: grpc.aio.Channel = _channel(
+            grpc.aio, target, options, tls, root_certificates, certificate_chain, private_key
+        )
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
 
     async def explain(self, request: ExplainRequest, timeout: float | None = None) -> ExplainResult:
