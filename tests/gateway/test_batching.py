@@ -6,11 +6,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from camserve.gateway.batcher import ModelQueue
 from camserve.gateway.proto import pb, pb_grpc
 from camserve.gateway.server import BackgroundGateway
 from tests.gateway.conftest import EngineBackend, png, start
@@ -25,6 +28,29 @@ def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.005)
+
+
+def queues(gw: BackgroundGateway) -> dict[str, ModelQueue]:
+    dispatcher = gw.gateway.dispatcher
+    return {} if dispatcher is None else dispatcher.queues
+
+
+@contextmanager
+def first_item_held(backend: EngineBackend) -> Iterator[tuple[BackgroundGateway, Any, Any]]:
+    """A gateway with batches of one whose backend holds item "first" until its gate opens.
+
+    Yields the gateway, a stub, and the future of "first" (already in the backend).
+    """
+    gw = start(backend, max_batch_size=1)
+    try:
+        s = stub(gw)
+        backend.gate.clear()
+        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
+        wait_until(lambda: "tiny" in queues(gw) and queues(gw)["tiny"].batches == 1)
+        yield gw, s, first
+    finally:
+        backend.gate.set()
+        gw.stop()
 
 
 def maps_of(resp: pb.ExplainResponse) -> dict[tuple[int, str], np.ndarray]:
@@ -99,18 +125,7 @@ def test_concurrent_callers_get_their_own_answers_equal_to_separate_calls() -> N
 
 
 def test_an_item_past_its_deadline_is_not_computed(backend: EngineBackend) -> None:
-    gw = start(backend, max_batch_size=1)
-    try:
-        s = stub(gw)
-        backend.gate.clear()
-        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
-        wait_until(
-            lambda: (
-                gw.gateway.dispatcher is not None
-                and "tiny" in gw.gateway.dispatcher.queues
-                and gw.gateway.dispatcher.queues["tiny"].batches == 1
-            )
-        )
+    with first_item_held(backend) as (_, s, first):
         late = s.Explain.future(
             pb.ExplainRequest(request_id="late", model="tiny", image=png(1)), timeout=0.3
         )
@@ -121,26 +136,11 @@ def test_an_item_past_its_deadline_is_not_computed(backend: EngineBackend) -> No
         assert first.result(timeout=30).request_id == "first"
         time.sleep(0.2)
         assert backend.computed == ["first"]
-    finally:
-        backend.gate.set()
-        gw.stop()
 
 
 def test_deadline_exceeded_inside_a_batch_call(backend: EngineBackend) -> None:
     """ExplainBatch: the late item gets its own DEADLINE_EXCEEDED status, uncomputed."""
-    gw = start(backend, max_batch_size=1)
-    try:
-        s = stub(gw)
-        backend.gate.clear()
-        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
-        wait_until(
-            lambda: (
-                backend.gate is not None
-                and gw.gateway.dispatcher is not None
-                and "tiny" in gw.gateway.dispatcher.queues
-                and gw.gateway.dispatcher.queues["tiny"].batches == 1
-            )
-        )
+    with first_item_held(backend) as (_, s, first):
         threading.Timer(0.5, backend.gate.set).start()
         # 0.3 s deadline as seen by the server; the client waits longer for the answer
         batch = s.ExplainBatch.future(
@@ -155,30 +155,18 @@ def test_deadline_exceeded_inside_a_batch_call(backend: EngineBackend) -> None:
         first.result(timeout=30)
         time.sleep(0.2)
         assert "b" not in backend.computed
-    finally:
-        backend.gate.set()
-        gw.stop()
 
 
 def test_a_cancelled_call_drops_its_queued_item(backend: EngineBackend) -> None:
-    gw = start(backend, max_batch_size=1)
-    try:
-        s = stub(gw)
-        backend.gate.clear()
-        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
-        queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
-        wait_until(lambda: "tiny" in queues() and queues()["tiny"].batches == 1)
+    with first_item_held(backend) as (gw, s, first):
         gone = s.Explain.future(pb.ExplainRequest(request_id="gone", model="tiny", image=png(1)))
-        wait_until(lambda: len(queues()["tiny"]) == 1)
+        wait_until(lambda: len(queues(gw)["tiny"]) == 1)
         gone.cancel()
-        wait_until(lambda: all(t.future.done() for t in queues()["tiny"]._items))
+        wait_until(lambda: all(t.future.done() for t in queues(gw)["tiny"]._items))
         backend.gate.set()
         assert first.result(timeout=30).request_id == "first"
         time.sleep(0.2)
         assert backend.computed == ["first"]
-    finally:
-        backend.gate.set()
-        gw.stop()
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(backend: EngineBackend) -> None:
@@ -191,8 +179,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once(backend: EngineBackend)
             s.Explain.future(pb.ExplainRequest(request_id=str(i), model="tiny", image=png(i)))
             for i in range(3)
         ]  # one computing, two queued
-        queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
-        wait_until(lambda: "tiny" in queues() and len(queues()["tiny"]) == 2)
+        wait_until(lambda: "tiny" in queues(gw) and len(queues(gw)["tiny"]) == 2)
         t0 = time.perf_counter()
         with pytest.raises(grpc.RpcError) as info:
             s.Explain(pb.ExplainRequest(model="tiny", image=png(9)), timeout=30)
@@ -212,10 +199,9 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_queued(backend: Engine
     s = stub(gw)
     backend.gate.clear()
     running = s.Explain.future(pb.ExplainRequest(request_id="run", model="tiny", image=png(0)))
-    queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
-    wait_until(lambda: "tiny" in queues() and queues()["tiny"].batches == 1)
+    wait_until(lambda: "tiny" in queues(gw) and queues(gw)["tiny"].batches == 1)
     queued = s.Explain.future(pb.ExplainRequest(request_id="queued", model="tiny", image=png(1)))
-    wait_until(lambda: len(queues()["tiny"]) == 1)
+    wait_until(lambda: len(queues(gw)["tiny"]) == 1)
     threading.Timer(0.3, backend.gate.set).start()
     gw.stop(grace=10)
     assert running.result(timeout=30).request_id == "run"
@@ -226,13 +212,7 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_queued(backend: Engine
 
 
 def test_a_cancelled_stream_drops_its_queued_items(backend: EngineBackend) -> None:
-    gw = start(backend, max_batch_size=1)
-    try:
-        s = stub(gw)
-        backend.gate.clear()
-        first = s.Explain.future(pb.ExplainRequest(request_id="first", model="tiny", image=png(0)))
-        queues = lambda: gw.gateway.dispatcher.queues  # noqa: E731
-        wait_until(lambda: "tiny" in queues() and queues()["tiny"].batches == 1)
+    with first_item_held(backend) as (gw, s, first):
         sent, done = threading.Event(), threading.Event()
 
         def requests() -> Iterator[pb.ExplainRequest]:
@@ -242,14 +222,11 @@ def test_a_cancelled_stream_drops_its_queued_items(backend: EngineBackend) -> No
             done.wait(30)  # keep the stream open until it is cancelled
 
         call = s.ExplainStream(requests())
-        wait_until(lambda: sent.is_set() and len(queues()["tiny"]) == 3)
+        wait_until(lambda: sent.is_set() and len(queues(gw)["tiny"]) == 3)
         call.cancel()
         done.set()
-        wait_until(lambda: all(t.future.done() for t in queues()["tiny"]._items))
+        wait_until(lambda: all(t.future.done() for t in queues(gw)["tiny"]._items))
         backend.gate.set()
         assert first.result(timeout=30).request_id == "first"
         time.sleep(0.2)
         assert backend.computed == ["first"]
-    finally:
-        backend.gate.set()
-        gw.stop()
