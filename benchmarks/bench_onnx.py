@@ -34,20 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_workloads import GOAL_METHODS
 from torch import Tensor, nn
 
 from camserve.engine import Explainer
 from camserve.export import OnnxExplainer, export_onnx
 
-GRADIENT_FAMILY = (
-    "gradcam",
-    "gradcam_pos",
-    "gradcampp",
-    "xgradcam",
-    "counterfactual",
-    "layercam",
-    "hirescam",
-)
+GRADIENT_FAMILY = GOAL_METHODS
 """The workload: the engine benchmark's goal (a) method set, top-5."""
 
 
