@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,7 @@ from camserve.errors import (
     UnavailableError,
     UnknownNameError,
 )
+from camserve.gateway.proto import pb_grpc
 from camserve.gateway.server import BackgroundGateway
 from camserve.gateway.settings import GatewaySettings
 from camserve.service import MethodDescription, ModelDescription
@@ -231,6 +233,11 @@ class EngineBackend:
 @pytest.fixture
 def backend() -> EngineBackend:
     return EngineBackend()
+
+
+def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
+    """A generated-stub client of ``gw`` on a new plaintext channel."""
+    return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
 
 
 def start(backend: Any, **settings: Any) -> BackgroundGateway:

@@ -15,15 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from camserve.client import AsyncClient, Client
 from camserve.errors import InvalidRequestError, UnavailableError
 from camserve.gateway.convert import tensor_of
-from camserve.gateway.proto import SERVICE_NAME, pb, pb_grpc
+from camserve.gateway.proto import SERVICE_NAME, pb
 from camserve.gateway.server import BackgroundGateway
 from camserve.service.outcomes import ExplainError, ExplainResult
 from camserve.service.request import ExplainRequest
-from tests.gateway.conftest import LABELS, SIZE, EngineBackend, png, start
-
-
-def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
-    return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
+from tests.gateway.conftest import LABELS, SIZE, EngineBackend, png, start, stub
 
 
 def code_and_details(call: object) -> tuple[grpc.StatusCode, str]:

@@ -14,13 +14,9 @@ import numpy as np
 import pytest
 
 from camserve.gateway.batcher import ModelQueue
-from camserve.gateway.proto import pb, pb_grpc
+from camserve.gateway.proto import pb
 from camserve.gateway.server import BackgroundGateway
-from tests.gateway.conftest import EngineBackend, png, start
-
-
-def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
-    return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
+from tests.gateway.conftest import EngineBackend, png, start, stub
 
 
 def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -12,10 +12,10 @@ import pytest
 from camserve.client import Client
 from camserve.gateway.convert import response_of
 from camserve.gateway.inprocess import InProcessBackend
-from camserve.gateway.proto import pb, pb_grpc
+from camserve.gateway.proto import pb
 from camserve.gateway.server import BackgroundGateway
 from camserve.service import ExplainRequest, ExplainResult
-from tests.gateway.conftest import start
+from tests.gateway.conftest import start, stub
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 SCENE = (STORE / "examples" / "scene_1.png").read_bytes() if STORE.exists() else b""
@@ -35,10 +35,6 @@ def zoo(zoo_backend: InProcessBackend) -> Iterator[BackgroundGateway]:
         yield gw
     finally:
         gw.stop()
-
-
-def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
-    return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
 
 
 def comparable(msg: pb.ExplainResponse) -> pb.ExplainResponse:

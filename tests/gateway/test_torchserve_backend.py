@@ -18,10 +18,10 @@ import pytest
 
 from camserve.gateway.convert import tensor_of
 from camserve.gateway.inprocess import InProcessBackend
-from camserve.gateway.proto import pb, pb_grpc
+from camserve.gateway.proto import pb
 from camserve.gateway.server import BackgroundGateway
 from camserve.gateway.torchserve_backend import TorchServeBackend
-from tests.gateway.conftest import start
+from tests.gateway.conftest import start, stub
 from tests.gateway.test_inprocess import SCENE, STORE
 
 pytestmark = pytest.mark.slow
@@ -75,10 +75,6 @@ def local() -> Iterator[BackgroundGateway]:
         yield gw
     finally:
         gw.stop()
-
-
-def stub(gw: BackgroundGateway) -> pb_grpc.ExplanationServiceStub:
-    return pb_grpc.ExplanationServiceStub(grpc.insecure_channel(gw.address))
 
 
 TENSOR = tensor_of(np.random.default_rng(3).standard_normal((3, 64, 64)).astype(np.float32))
