@@ -258,10 +258,9 @@ def spec_from_dict(data: Mapping[str, Any], origin: Path | None = None) -> Model
         if not path.is_file():
             raise SpecError(key, value, f"no such file ({path})", origin)
         out[key] = path
-    runtime_file_alone = (
-        data.get("runtime") == "onnx" and "onnx" in out and "factory" not in out
-    ) and "program" not in out
-    if ("factory" in out) == ("program" in out) and not runtime_file_alone:
+    has_factory, has_program = "factory" in out, "program" in out
+    onnx_alone = data.get("runtime") == "onnx" and "onnx" in out
+    if has_factory == has_program and not (onnx_alone and not has_factory):
         raise SpecError(
             "factory",
             factory,

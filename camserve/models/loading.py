@@ -257,8 +257,8 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Loa
     answers what the graph cannot; without one, the graph alone predicts and
     explains, see :attr:`LoadedModel.layers`), and the ONNX file opens in an
     onnxruntime session (CPU, or CUDA for a CUDA ``device`` when onnxruntime-gpu
-    is installed) whose explainer the
-    returned :attr:`LoadedModel.explainer_factory` serves at the spec's layer.
+    is installed) whose explainer the returned
+    :attr:`LoadedModel.explainer_factory` serves at the spec's layer.
     A log line names the runtime serving the model.
 
     Raises:
