@@ -586,8 +586,7 @@ def encode_json_request(request: ExplainRequest) -> bytes:
     """The JSON request body for a request (what :func:`parse_request` reads back)."""
     body: dict[str, Any] = {}
     if request.tensor is not None:
-        t = np.ascontiguousarray(request.tensor, dtype="<f4")
-        body["tensor"] = {"shape": list(t.shape), "dtype": "float32", "data": _b64(t.tobytes())}
+        body["tensor"] = _float_map(request.tensor)  # the maps' float32 encoding
     else:
         assert request.image is not None  # the request's constructor checked it
         body["image"] = _b64(request.image)
