@@ -54,6 +54,7 @@ from camserve.engine.methods import METHOD_SPECS, method_spec
 from camserve.engine.methods.activation import cam
 from camserve.engine.methods.gradient import gradcampp
 from camserve.errors import ExportError, InvalidRequestError, UnknownNameError
+from camserve.export.passes import TRACE_DECOMPOSITIONS, optimize
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -284,94 +285,6 @@ class _Graph(nn.Module):
         return self.traced(state, xs, class_ids)
 
 
-def _copysign(a: Tensor, b: Tensor) -> Tensor:
-    """``copysign`` without ``signbit`` (no ONNX function): differs only for ``b = -0.0``."""
-    mag = a.abs()
-    return torch.where(b < 0, -mag, mag)
-
-
-def _nan_to_num(
-    a: Tensor, nan: float | None = 0.0, posinf: float | None = None, neginf: float | None = None
-) -> Tensor:
-    """``nan_to_num`` in three passes (IsNaN, Clip, Where) instead of the default six.
-
-    With ``posinf`` / ``neginf`` left at the dtype's extremes, clamping to them maps
-    +-inf there and leaves every finite value alone, so this equals ``nan_to_num``.
-    """
-    if not a.is_floating_point() or posinf is not None or neginf is not None:
-        kept: Tensor = torch.ops.aten.nan_to_num.default(a, nan, posinf, neginf)
-        return kept
-    info = torch.finfo(a.dtype)
-    out: Tensor = torch.where(torch.isnan(a), nan or 0.0, a.clamp(info.min, info.max))
-    return out
-
-
-_DECOMPOSITIONS: dict[Any, Callable[..., Tensor]] = {
-    torch.ops.aten.copysign.Tensor: _copysign,
-    torch.ops.aten.nan_to_num.default: _nan_to_num,
-}
-"""Operators rewritten while tracing, for ONNX (Grad-CAM++'s safe denominator uses copysign;
-its denominator ``sum A g + 2`` is never ``-0.0``, so the rewrite is exact there; the
-engine's NaN guards become three onnxruntime passes instead of six)."""
-
-
-def _unbatched_matmuls(graph: torch.fx.GraphModule) -> int:
-    """Rewrites ``bmm(a, expand(w))`` of a 2-D ``w`` to ``matmul(a, w)``; returns how many.
-
-    ``vmap`` over the K target cotangents turns the backward of a linear layer
-    into a ``bmm`` with the weight copied K times (for a 2048 x 1000 head and
-    K = 6, 49 MB written per call). ``matmul`` broadcasts the weight instead:
-    the same values, without the copies.
-    """
-    aten = torch.ops.aten
-    count = 0
-    for node in list(graph.graph.nodes):
-        if node.op != "call_function" or node.target != aten.bmm.default:
-            continue
-        rhs = node.args[1]
-        while isinstance(rhs, torch.fx.Node) and rhs.target == aten.view.default:
-            rhs = rhs.args[0]
-        if not isinstance(rhs, torch.fx.Node) or rhs.target != aten.expand.default:
-            continue
-        base = rhs.args[0]
-        bval = base.meta.get("val") if isinstance(base, torch.fx.Node) else None
-        eval_ = rhs.meta.get("val")
-        if not isinstance(bval, Tensor) or not isinstance(eval_, Tensor):
-            continue
-        # a 2-D weight broadcast along a new leading batch dimension, nothing else
-        if bval.dim() != 2 or eval_.dim() != 3 or eval_.stride()[1:] != bval.stride():
-            continue
-        if eval_.stride()[0] != 0:
-            continue
-        with graph.graph.inserting_before(node):
-            new = graph.graph.call_function(aten.matmul.default, (node.args[0], base))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.graph.erase_node(node)
-        count += 1
-    if count:
-        graph.graph.eliminate_dead_code()
-        graph.recompile()
-    return count
-
-
-def _optimized(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The traced graph without repeated work: unbatched matmuls, then common subexpressions.
-
-    The engine's method functions each guard their inputs (``finite``), so several
-    maps repeat the same NaN guard of the same activations; common-subexpression
-    elimination keeps one.
-    """
-    from torch.fx.passes.dialect.common.cse_pass import CSEPass
-
-    _unbatched_matmuls(traced)
-    out: torch.fx.GraphModule = CSEPass().call(traced).graph_module
-    # the pass builds a new graph; keep make_fx's calling convention (nested lists in)
-    out.graph._codegen = traced.graph._codegen
-    out.recompile()
-    return out
-
-
 def _trace(
     joint: _Joint, state: list[Tensor], xs: list[Tensor], class_ids: Tensor | None
 ) -> nn.Module:
@@ -381,7 +294,7 @@ def _trace(
     try:
         with _quiet():
             traced: nn.Module = make_fx(
-                joint, tracing_mode="symbolic", decomposition_table=_DECOMPOSITIONS
+                joint, tracing_mode="symbolic", decomposition_table=TRACE_DECOMPOSITIONS
             )(state, xs, class_ids)
     except (InvalidRequestError, ExportError):
         raise
@@ -392,7 +305,7 @@ def _trace(
             f"({type(exc).__name__}: {lines[0][:300]})"
         ) from exc
     assert isinstance(traced, torch.fx.GraphModule)  # make_fx's result
-    return _optimized(traced)
+    return optimize(traced)
 
 
 def _specialized(traced: nn.Module, n_inputs: int, classes: bool) -> list[str]:
@@ -577,8 +490,11 @@ def export_onnx(
             "batch); call model.eval() before exporting"
         )
     params = list(model.parameters()) + list(model.buffers())
-    bad = {f"{p.dtype}/{p.device}" for p in params if p.is_floating_point()
-           and (p.dtype != torch.float32 or p.device.type != "cpu")}
+    bad = {
+        f"{p.dtype}/{p.device}"
+        for p in params
+        if p.is_floating_point() and (p.dtype != torch.float32 or p.device.type != "cpu")
+    }
     if bad:
         raise InvalidRequestError(
             f"export needs float32 parameters on the CPU, got {sorted(bad)}; "
@@ -619,9 +535,7 @@ def export_onnx(
             )
         k = int(targets)  # type: ignore[arg-type]  # not callable: an int
         if not 1 <= k <= output.shape[1]:
-            raise InvalidRequestError(
-                f"targets (top-k) must be in 1..{output.shape[1]}, got {k}"
-            )
+            raise InvalidRequestError(f"targets (top-k) must be in 1..{output.shape[1]}, got {k}")
     cam_weight = None
     if classes and cam_maps:
         cam_weight = find_cam_head(model, act, output)
