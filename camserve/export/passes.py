@@ -222,8 +222,11 @@ def _infer(node: fx.Node) -> None:
     mode = detect_fake_mode(flat) if flat else None
     if mode is None or not callable(node.target):
         return
-    with mode:
-        node.meta["val"] = node.target(*args, **kwargs)
+    try:
+        with mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+    except Exception:  # no value known: the rewrites that need one skip the node
+        node.meta.pop("val", None)
 
 
 def _expanded_dims(ex: fx.Node) -> set[int] | None:
