@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         help="items per throughput run (default: max(64, 16 x clients))",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="the batching gateway's max batch delay (default 0: whatever is queued)",
+    )
     parser.add_argument("--torchserve", action="store_true", help="also the TorchServe backend")
     parser.add_argument("--quick", action="store_true", help="few samples (smoke test)")
     parser.add_argument("--json", help="write the results here")
@@ -244,13 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         "input": h,
         "clients": clients,
         "threads": args.threads,
+        "max_batch_delay_ms": args.delay_ms,
     }
 
     def items_for(c: int) -> int:
         return args.items or (max(16, 4 * c) if args.quick else max(64, 16 * c))
 
     with contextlib.ExitStack() as stack:
-        on = stack.enter_context(gateway(args.model, store, 16))
+        on = stack.enter_context(gateway(args.model, store, 16, delay_ms=args.delay_ms))
         off = stack.enter_context(gateway(args.model, store, 1))
         client = stack.enter_context(Client(on.address, timeout=600))
         lat = interleaved(
