@@ -347,7 +347,7 @@ def expand_last(gm: fx.GraphModule) -> int:
                         perm = [int(d) % rank for d in node.args[1]]
                         new_sizes = [sizes[d] for d in perm]
                     else:
-                        dim = int(node.args[1]) % rank
+                        dim = int(node.args[1] if len(node.args) > 1 else 0) % rank
                         if dim in dims:
                             continue
                         new_sizes = [-1 if d == dim else s for d, s in enumerate(sizes)]
