@@ -195,23 +195,6 @@ def _same_dtype(a: fx.Node, b: Any) -> bool:
     return va is not None and vb is not None and va.dtype == vb.dtype and va.is_floating_point()
 
 
-def _copy_before(graph: fx.Graph, anchor: fx.Node, like: fx.Node, first: Any) -> fx.Node:
-    """A copy of ``like`` (same target and other arguments) on ``first``, before ``anchor``."""
-    assert callable(like.target)  # a call_function node
-    with graph.inserting_before(anchor):
-        new = graph.call_function(like.target, (first, *like.args[1:]), dict(like.kwargs))
-    new.meta = dict(like.meta)
-    return new
-
-
-def _guard_before(graph: fx.Graph, anchor: fx.Node, guard: fx.Node, x: fx.Node) -> fx.Node:
-    with graph.inserting_before(anchor):
-        new = graph.call_function(aten.nan_to_num.default, (x, *guard.args[1:]), dict(guard.kwargs))
-    if _val(x) is not None:
-        new.meta = {"val": x.meta["val"]}
-    return new
-
-
 def _infer(node: fx.Node) -> None:
     """Sets ``node.meta["val"]`` by running its operator on the fake tensors of its inputs."""
     from torch._guards import detect_fake_mode
@@ -281,6 +264,23 @@ def _insert(
     return new
 
 
+def _until_fixed(gm: fx.GraphModule, rewrite: Callable[[fx.Graph, fx.Node], bool]) -> int:
+    """Applies ``rewrite(graph, node)`` to every node until none changes; returns how many did."""
+    graph = gm.graph
+    count = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if rewrite(graph, node):
+                count += 1
+                changed = True
+    if count:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
 def expand_last(gm: fx.GraphModule) -> int:
     """Moves ``expand`` after the views and elementwise operators applied to its output.
 
@@ -297,85 +297,78 @@ def expand_last(gm: fx.GraphModule) -> int:
     guard of it, :func:`sink_nan_guards`) happens ``h w`` times fewer. Results
     written in place later are left alone.
     """
-    graph = gm.graph
-    count = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph.nodes):
-            if node.op != "call_function" or not node.args:
-                continue
-            casts = node.target == aten._to_copy.default and set(node.kwargs) <= {"dtype"}
-            if node.kwargs and not casts:
-                continue
-            if node.target in _MOVES_PAST_EXPAND:
-                operands = [0]
-            elif node.target in _ELEMENTWISE:
-                operands = [i for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
-            elif node.target in _IN_PLACE_BINARY:
-                operands = [1]  # the written tensor is the first
+    return _until_fixed(gm, _expand_later)
+
+
+def _expand_later(graph: fx.Graph, node: fx.Node) -> bool:
+    """One step of :func:`expand_last` at ``node``; whether it rewrote it."""
+    if node.op != "call_function" or not node.args:
+        return False
+    casts = node.target == aten._to_copy.default and set(node.kwargs) <= {"dtype"}
+    if node.kwargs and not casts:
+        return False
+    if node.target in _MOVES_PAST_EXPAND:
+        operands = [0]
+    elif node.target in _ELEMENTWISE:
+        operands = [i for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
+    elif node.target in _IN_PLACE_BINARY:
+        operands = [1]  # the written tensor is the first
+    else:
+        return False
+    for i in operands:
+        ex = node.args[i]
+        if not isinstance(ex, fx.Node) or ex.target != aten.expand.default:
+            continue
+        x, out = ex.args[0], _val(node)
+        dims = _expanded_dims(ex)
+        if not isinstance(x, fx.Node) or dims is None or out is None:
+            continue
+        sizes = ex.args[1]
+        if not isinstance(sizes, list | tuple) or _written_after(x):
+            continue
+        rank = len(sizes)
+        others = [a for j, a in enumerate(node.args) if j != i]
+        binary = node.target in _BINARY and len(node.args) == 2
+        if binary and _spans(others[0], out, dims):
+            # the other operand has the repeated dims: broadcasting replaces the expand
+            args = list(node.args)
+            args[i] = x
+            direct = _insert(graph, node, node.target, tuple(args), node.kwargs)
+            node.replace_all_uses_with(direct)
+            graph.erase_node(node)
+            return True
+        if node.target in _IN_PLACE_BINARY or _written_after(node):
+            continue
+        if node.target in _MOVES_PAST_EXPAND:
+            view_args: Any = node.args  # (x, dims) for permute, (x, dim, ...) for the others
+            if node.target == aten.permute.default:
+                perm = [int(d) % rank for d in view_args[1]]
+                new_sizes = [sizes[d] for d in perm]
             else:
+                dim = int(view_args[1] if len(view_args) > 1 else 0) % rank
+                if dim in dims:
+                    continue
+                new_sizes = [-1 if d == dim else s for d, s in enumerate(sizes)]
+                if node.target == aten.select.int:
+                    del new_sizes[dim]
+            inner = _insert(graph, node, node.target, (x, *node.args[1:]))
+        else:
+            if out.dim() != rank:
                 continue
-            for i in operands:
-                ex = node.args[i]
-                if not isinstance(ex, fx.Node) or ex.target != aten.expand.default:
-                    continue
-                x, out = ex.args[0], _val(node)
-                dims = _expanded_dims(ex)
-                if not isinstance(x, fx.Node) or dims is None or out is None:
-                    continue
-                sizes = ex.args[1]
-                if not isinstance(sizes, list | tuple) or _written_after(x):
-                    continue
-                rank = len(sizes)
-                others = [a for j, a in enumerate(node.args) if j != i]
-                binary = node.target in _BINARY and len(node.args) == 2
-                if binary and _spans(others[0], out, dims):
-                    # the other operand has the repeated dims: broadcasting replaces the expand
-                    args = list(node.args)
-                    args[i] = x
-                    direct = _insert(graph, node, node.target, tuple(args), node.kwargs)
-                    node.replace_all_uses_with(direct)
-                    graph.erase_node(node)
-                    count += 1
-                    changed = True
-                    break
-                if node.target in _IN_PLACE_BINARY or _written_after(node):
-                    continue
-                if node.target in _MOVES_PAST_EXPAND:
-                    if node.target == aten.permute.default:
-                        perm = [int(d) % rank for d in node.args[1]]
-                        new_sizes = [sizes[d] for d in perm]
-                    else:
-                        dim = int(node.args[1] if len(node.args) > 1 else 0) % rank
-                        if dim in dims:
-                            continue
-                        new_sizes = [-1 if d == dim else s for d, s in enumerate(sizes)]
-                        if node.target == aten.select.int:
-                            del new_sizes[dim]
-                    inner = _insert(graph, node, node.target, (x, *node.args[1:]))
-                else:
-                    if out.dim() != rank:
-                        continue
-                    args = list(node.args)
-                    args[i] = x
-                    if not all(_broadcasts_over(o, dims, rank) for o in others):
-                        continue
-                    inner = _insert(graph, node, node.target, tuple(args), node.kwargs)
-                    new_sizes = [s if d in dims else -1 for d, s in enumerate(sizes)]
-                if _val(inner) is None:
-                    graph.erase_node(inner)
-                    continue
-                moved = _insert(graph, node, aten.expand.default, (inner, new_sizes))
-                node.replace_all_uses_with(moved)
-                graph.erase_node(node)
-                count += 1
-                changed = True
-                break
-    if count:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return count
+            args = list(node.args)
+            args[i] = x
+            if not all(_broadcasts_over(o, dims, rank) for o in others):
+                continue
+            inner = _insert(graph, node, node.target, tuple(args), node.kwargs)
+            new_sizes = [s if d in dims else -1 for d, s in enumerate(sizes)]
+        if _val(inner) is None:
+            graph.erase_node(inner)
+            continue
+        moved = _insert(graph, node, aten.expand.default, (inner, new_sizes))
+        node.replace_all_uses_with(moved)
+        graph.erase_node(node)
+        return True
+    return False
 
 
 def sink_nan_guards(gm: fx.GraphModule) -> int:
@@ -389,34 +382,28 @@ def sink_nan_guards(gm: fx.GraphModule) -> int:
     the guards of several maps meet on the same tensor (then one remains,
     common-subexpression elimination). Tensors written in place later are left alone.
     """
-    graph = gm.graph
-    count = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph.nodes):
-            if not _is_guard(node):
-                continue
-            x = node.args[0]
-            if not isinstance(x, fx.Node) or x.op != "call_function":
-                continue
-            if not (x.target in _VIEWS or _is_relu(x)):
-                continue
-            inner = x.args[0]
-            if not isinstance(inner, fx.Node) or not _same_dtype(inner, x):
-                continue
-            if _written_after(inner) or _written_after(x) or _written_after(node):
-                continue
-            guarded = _guard_before(graph, node, node, inner)
-            moved = _copy_before(graph, node, x, guarded)
-            node.replace_all_uses_with(moved)
-            graph.erase_node(node)
-            count += 1
-            changed = True
-    if count:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return count
+    return _until_fixed(gm, _guard_sooner)
+
+
+def _guard_sooner(graph: fx.Graph, node: fx.Node) -> bool:
+    """One step of :func:`sink_nan_guards` at ``node``; whether it moved a guard."""
+    if not _is_guard(node):
+        return False
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or x.op != "call_function":
+        return False
+    if not (x.target in _VIEWS or _is_relu(x)):
+        return False
+    inner = x.args[0]
+    if not isinstance(inner, fx.Node) or not _same_dtype(inner, x):
+        return False
+    if _written_after(inner) or _written_after(x) or _written_after(node):
+        return False
+    guarded = _insert(graph, node, node.target, (inner, *node.args[1:]), node.kwargs)
+    moved = _insert(graph, node, x.target, (guarded, *x.args[1:]), x.kwargs)
+    node.replace_all_uses_with(moved)
+    graph.erase_node(node)
+    return True
 
 
 def _finite(node: Any) -> bool:
