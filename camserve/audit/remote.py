@@ -5,8 +5,10 @@ inputs (normalised with the mean and std the service describes, so nothing is
 quantised), maps come back ``raw`` and are normalised and upsampled here with
 the engine's own functions, and the perturbed images of the metrics are
 re-scored through ``predict_only`` requests. Requests go out ``batch`` items
-per ``ExplainBatch`` call, at most ``concurrency`` calls at a time. The auditor
-needs only the endpoint.
+per ``ExplainBatch`` call, at most ``concurrency`` calls at a time; items the
+gateway refuses because its queue is full (RESOURCE_EXHAUSTED, which it
+answers per item) go again after a growing pause, until the call's timeout.
+The auditor needs only the endpoint.
 
 Limits: the service answers a prediction with its top classes only (at most
 20), so a class outside them gets probability 0 (a lower bound, which matters
@@ -23,18 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from camserve.audit.scorer import Explained
 from camserve.client import Client
 from camserve.engine.maps import normalize, upsample
-from camserve.errors import CamserveError, InvalidRequestError
-from camserve.service.outcomes import ExplainError, ExplainResult
+from camserve.errors import CamserveError, InvalidRequestError, OverloadedError
+from camserve.service.outcomes import ExplainError, ExplainResult, Outcome
 from camserve.service.request import ExplainRequest
 from camserve.service.settings import DEFAULT_MAX_TARGETS
 
 __all__ = ["RemoteScorer"]
 
 F32 = NDArray[np.float32]
+
+
+def _overloaded(outcome: Outcome | None) -> bool:
+    return isinstance(outcome, ExplainError) and isinstance(outcome.error, OverloadedError)
 
 
 class RemoteScorer:
@@ -46,7 +53,8 @@ class RemoteScorer:
         token: bearer token, if the gateway wants one.
         batch: items per ``ExplainBatch`` call.
         concurrency: calls in flight at once.
-        timeout: deadline of each call, seconds.
+        timeout: deadline of each call, seconds; also how long items refused
+            as overloaded are sent again.
 
     Raises:
         InvalidRequestError: a model that is not a classifier.
@@ -68,6 +76,7 @@ class RemoteScorer:
         self._std = np.asarray(desc.std, dtype=np.float32).reshape(3, 1, 1)
         self.digest = f"remote:{target}/{model}"
         self.batch = batch
+        self.timeout = timeout
         self.pool = ThreadPoolExecutor(max_workers=concurrency)
 
     def close(self) -> None:
@@ -82,12 +91,31 @@ class RemoteScorer:
     def _send(self, requests: Sequence[ExplainRequest]) -> list[ExplainResult]:
         parts = [requests[i : i + self.batch] for i in range(0, len(requests), self.batch)]
         out: list[ExplainResult] = []
-        for outcomes in self.pool.map(self.client.explain_batch, parts):
+        for outcomes in self.pool.map(self._send_part, parts):
             for o in outcomes:
                 if isinstance(o, ExplainError):
                     raise o.error
                 out.append(o)
         return out
+
+    def _send_part(self, part: Sequence[ExplainRequest]) -> list[Outcome]:
+        """One ``ExplainBatch`` call; the items refused as overloaded are sent again
+        (after 0.05 s, then doubling up to 2 s, until ``timeout``), the last answers kept."""
+        outcomes: list[Outcome | None] = [None] * len(part)
+
+        def send() -> bool:
+            todo = [i for i, o in enumerate(outcomes) if o is None or _overloaded(o)]
+            for i, o in zip(todo, self.client.explain_batch([part[i] for i in todo]), strict=True):
+                outcomes[i] = o
+            return any(_overloaded(outcomes[i]) for i in todo)
+
+        Retrying(
+            retry=retry_if_result(bool),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.timeout),
+            retry_error_callback=lambda _: True,  # out of time: the overloaded errors stand
+        )(send)
+        return [o for o in outcomes if o is not None]  # every item has its answer
 
     def predict(self, pixels: F32) -> F32:
         """Class probabilities ``(B, C)`` through ``predict_only`` requests."""
